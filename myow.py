@@ -1,0 +1,525 @@
+"""MYOW, "Mine Your Own vieW: Self-Supervised Learning Through Across-Sample Prediction"
+(Azabou et al., 2021, arXiv:2102.10106), as one readable file.
+
+BYOL-style learning from two augmented views of a sample, plus a third view that is *mined*: for
+each anchor, one of its k nearest neighbours (by cosine) among L candidate samples in the target
+network's representation space, predicted through a second, cascaded projector/predictor.
+
+    python myow.py                                            # synthetic reaching, CPU, ~1 min
+    python myow.py --dataset chewie1 --data-dir ../shared/data   # monkey reach (Table 3)
+    python myow.py --dataset mouse --data-dir ../shared/data     # mouse CA1 arousal state (Fig. 4)
+    python myow.py --dataset chewie1 --method byol               # the same code without mining
+
+The last line on stdout is one JSON object with the metrics (in %) and the seconds spent.
+Measured results and the map from Algorithm 1 to the functions below are in README.md.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import neural_data
+
+# =============================================================================================
+# Configuration
+# =============================================================================================
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    dataset: str = arg("synthetic", "synthetic | chewie1 | chewie2 | mihi1 | mouse | npz")
+    data_dir: str = arg("data", "folder holding the published files (downloaded there if missing)")
+    data_file: str = arg("", "with --dataset npz: your recording (see README)")
+    method: str = arg("myow", "myow | byol (the same code with lambda = 0 and no mining)")
+    seed: int = arg(0, "random seed of initialisation, batches, augmentations and mining")
+    out: str = arg("", "folder for config.json, log.jsonl and results.json; empty: write nothing")
+    # -- optimisation (Appendix D.1 "Training") --
+    epochs: int = arg(1000, "training epochs (App. D: 1000)")
+    batch_size: int = arg(512, "B, anchors per step (App. D: 512)")
+    lr: float = arg(0.02, "eta, AdamW learning rate (App. D: 0.02 monkeys, 0.001 rodents)")
+    weight_decay: float = arg(2e-5, "AdamW weight decay (App. D: 2e-5)")
+    warmup_epochs: int = arg(100, "linear lr warm-up, then cosine decay to 0 (App. D: 100)")
+    tau: float = arg(0.98, "tau, EMA momentum at step 0, cosine-increased to 1 (App. D: 0.98)")
+    # -- mining (section 2.2, Appendix B) --
+    pool_size: int = arg(1024, "L, candidates drawn per step, shared by all anchors (App. D: 1024)")
+    k: int = arg(5, "k, mined view drawn uniformly from the k nearest candidates (App. D: 5)")
+    mining_weight: float = arg(1.0, "lambda, weight of the mined-view loss (App. D: 1)")
+    mining_ramp_epochs: int = arg(10, "lambda ramps linearly from 0 over this many epochs (App. D: 10)")
+    pool: str = arg("fresh", "fresh: L candidates from an independent sampler (App. B); batch: "
+                             "the 2B target views of the batch itself, L = 2B, no extra forward")
+    mine_in: str = arg("target", "candidates' representations from the target or online network (App. F)")
+    min_gap_s: float = arg(math.inf, "mine only other trials, or the same trial >= this many s away "
+                                     "(App. D.2: 1800 s for sleep; inf: other trials only, App. D.1)")
+    # -- network (Appendix D.1 "Network Architecture") --
+    hidden: int = arg(64, "width of the 4 encoder blocks Linear+BN+ReLU (App. D: 64)")
+    rep_dim: int = arg(32, "representation size of y = f(x) (App. D.1: 32 monkeys; D.2: 64 rodents)")
+    pred_hidden: int = arg(128, "hidden width of the predictors q and r, MLP(rep, 128, rep) (App. D)")
+    # -- augmentations for spiking data (Appendix D.1, J), drawn per sample --
+    jitter_s: float = arg(0.2, "temporal jitter: a sample of the same trial within this many s "
+                               "(App. D.1: 0.2 s reach; D.2: 12 s sleep)")
+    dropout_max: float = arg(0.2, "dropout rate drawn uniformly in [0, this] per sample (App. D.1)")
+    noise_std: float = arg(1.5, "std of additive Gaussian noise, Hz (App. D.1: 1.5)")
+    noise_p: float = arg(0.5, "probability a sample gets Gaussian noise (App. D.1: 0.5)")
+    pepper_value: float = arg(1.5, "pepper: Hz added to a neuron (App. D.1: 1.5)")
+    pepper_rate: float = arg(0.3, "pepper: probability per neuron (App. D.1: 0.3)")
+    pepper_p: float = arg(0.5, "probability a sample gets pepper (App. D.1: 0.5)")
+    # -- linear evaluation (Appendix D.1 "Evaluation Procedure") --
+    eval_epochs: int = arg(100, "epochs of the linear readout (App. D: 100)")
+    eval_lr: float = arg(0.01, "AdamW lr of the linear readout (App. D: 0.01)")
+    eval_batch_size: int = arg(512, "batch of the linear readout (not given in the paper)")
+    eval_wd_exponents: str = arg("-10:10", "readout weight decays 2^a..2^b, chosen on validation (App. D)")
+    # -- run --
+    device: str = arg("auto", "auto (cuda if available), cpu or cuda")
+    log_every: int = arg(0, "print progress every this many epochs (0: about 20 lines a run)")
+
+
+# Per-dataset defaults in one table; a flag given on the command line always wins.
+MONKEY = {}                                                       # Appendix D.1 = Config defaults
+PRESETS = {
+    "synthetic": dict(MONKEY, epochs=300),                        # quick offline default
+    "chewie1": MONKEY, "chewie2": MONKEY, "mihi1": MONKEY, "npz": MONKEY,
+    "mouse": dict(lr=0.001, rep_dim=64, jitter_s=12.0, min_gap_s=1800.0),   # Appendix D.2
+}
+
+
+class ConfigError(Exception):
+    """A configuration the run cannot honour: the message names the flag and what to do."""
+
+
+def parse_config(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
+                            help=f.metadata["help"] + f" [default {f.default}, or the dataset's preset]")
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    dataset = given.get("dataset", Config.dataset)
+    if dataset not in PRESETS:
+        raise ConfigError(f"unknown --dataset {dataset!r}; choose one of {', '.join(PRESETS)}")
+    return Config(**{**PRESETS[dataset], **given})
+
+
+# =============================================================================================
+# Data and augmentations for neural activity (Appendix D.1, J)
+# =============================================================================================
+
+
+class NeuralSplit:
+    """One split of a recording as tensors on the device, so batches are indexed, not loaded."""
+
+    def __init__(self, rec, idx, keep, mean, std, cfg, device):
+        self.x = torch.as_tensor(rec.rates[idx][:, keep], device=device)          # (N, D) Hz
+        self.mean, self.std = mean.to(device), std.to(device)                   # (D,) train stats
+        self.trial = torch.as_tensor(rec.trial[idx], device=device)             # (N,)
+        self.time = torch.as_tensor(rec.time[idx], dtype=torch.float32, device=device)  # (N,) s
+        self.labels = None if rec.labels is None else torch.as_tensor(rec.labels[idx], device=device)
+        lo, hi = neural_data.jitter_bounds(rec.trial[idx], rec.time[idx], cfg.jitter_s)
+        self.jitter_lo = torch.as_tensor(lo, device=device)
+        self.jitter_n = torch.as_tensor(hi - lo + 1, device=device)          # samples in window
+
+    def __len__(self):
+        return len(self.x)
+
+    def normalized(self):
+        return (self.x - self.mean) / self.std
+
+
+def augment_neural(data, idx, cfg):
+    """One view t(s) per index, every random choice drawn per sample (Appendix D.1, J):
+    temporal jitter -> randomized dropout -> Gaussian noise -> pepper -> normalization."""
+    n, D = len(idx), data.x.shape[1]
+    dev = data.x.device
+    j = data.jitter_lo[idx] + (torch.rand(n, device=dev) * data.jitter_n[idx]).long()
+    x = data.x[j]                                                                 # (n, D) Hz
+    p_drop = torch.rand(n, 1, device=dev) * cfg.dropout_max                      # rate per sample
+    x = x * (torch.rand(n, D, device=dev) >= p_drop)
+    noisy = torch.rand(n, 1, device=dev) < cfg.noise_p
+    x = x + noisy * torch.randn(n, D, device=dev) * cfg.noise_std
+    peppered = torch.rand(n, 1, device=dev) < cfg.pepper_p
+    x = x + peppered * (torch.rand(n, D, device=dev) < cfg.pepper_rate) * cfg.pepper_value
+    return (x - data.mean) / data.std
+
+
+def load_neural(cfg, device):
+    rec = neural_data.load_recording(cfg.dataset, cfg.data_dir, cfg.data_file)
+    if not np.isfinite(rec.rates).all():
+        bad = np.argwhere(~np.isfinite(rec.rates))[0]
+        raise neural_data.DataError(f"{rec.name}: firing rate at bin {bad[0]}, neuron {bad[1]} is "
+                                    f"{rec.rates[tuple(bad)]}; remove or interpolate non-finite values")
+    splits = neural_data.temporal_split(rec.trial)
+    train = rec.rates[splits[0]]
+    std = train.std(0)
+    keep = std > 0          # neurons silent throughout training carry nothing (data README)
+    mean = torch.as_tensor(train.mean(0)[keep])
+    std = torch.as_tensor(std[keep])
+    return rec, [NeuralSplit(rec, i, keep, mean, std, cfg, device) for i in splits]
+
+
+# =============================================================================================
+# Networks: encoder f, projectors g and h, predictors q and r
+# =============================================================================================
+
+
+def mlp(i, h, o):
+    """MLP(i, h, o) of Appendix C: Linear, BatchNorm, ReLU, Linear."""
+    return nn.Sequential(nn.Linear(i, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Linear(h, o))
+
+
+def neural_encoder(n_in, hidden, rep_dim, blocks=4):
+    """Appendix D.1: 4 blocks of Linear(hidden)+BN+ReLU, then a linear layer to the representation."""
+    layers, width = [], n_in
+    for _ in range(blocks):
+        layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, rep_dim))
+
+
+class Network(nn.Module):
+    """The part with a target copy: encoder f, projector g, second projector h (cascaded after g).
+    For neural data the paper uses no projectors (App. D.1): g and h are identities."""
+
+    def __init__(self, f, g, h):
+        super().__init__()
+        self.f, self.g, self.h = f, g, h
+
+
+class MYOW(nn.Module):
+    """Online network theta = (f, g, h) and the dual predictors q (augmented) and r (mined).
+    One forward over all online views, so it is a single call for DistributedDataParallel."""
+
+    def __init__(self, net, q, r):
+        super().__init__()
+        self.net, self.q, self.r = net, q, r
+
+    def forward(self, x, n_mined):
+        y = self.net.f(x)                                     # (2B + Bm, D) representations
+        z = self.net.g(y)                                     # (2B + Bm, Dz) projections
+        n_aug = len(x) - n_mined
+        p = self.q(z[:n_aug])                                 # (2B, Dz) q(z), q(u')
+        if n_mined == 0:
+            return y, p, None
+        v = self.net.h(z[n_aug:])                             # (Bm, Dv) v = h(g(y_m))
+        return y, p, self.r(v)                                # r(v)
+
+
+def build_networks(cfg, n_in):
+    """Online model (theta plus predictors) and the target network xi, an exact copy at start."""
+    f = neural_encoder(n_in, cfg.hidden, cfg.rep_dim)
+    net = Network(f, nn.Identity(), nn.Identity())
+    q = mlp(cfg.rep_dim, cfg.pred_hidden, cfg.rep_dim)
+    r = mlp(cfg.rep_dim, cfg.pred_hidden, cfg.rep_dim)
+    return MYOW(net, q, r), copy.deepcopy(net).requires_grad_(False)        # init xi <- theta
+
+
+# =============================================================================================
+# The method: loss, mining, target update, schedules
+# =============================================================================================
+
+
+def d(p, z):
+    """Equation (1): negative cosine similarity, per sample. z comes from the target (no grad)."""
+    return -F.cosine_similarity(p.float(), z.float(), dim=-1)
+
+
+def mine(y_anchor, y_pool, allowed, k):
+    """Section 2.2 / Algorithm 1 'Find N_k(y_m) in S, randomly select y'_m': for each anchor, the
+    k candidates of highest cosine similarity among those `allowed`, and one of them uniformly.
+    y_anchor (B, D), y_pool (L, D), allowed (B, L) bool. Returns the chosen pool index (B,) and
+    whether the anchor had any allowed candidate (B,); an anchor with fewer than k allowed
+    candidates chooses among those it has, and one with none gets no mined view."""
+    sim = F.normalize(y_anchor.float(), dim=1) @ F.normalize(y_pool.float(), dim=1).T   # (B, L)
+    sim = sim.masked_fill(~allowed, -math.inf)
+    top_sim, top_idx = sim.topk(k, dim=1)                                           # (B, k)
+    eligible = top_sim > -math.inf
+    pick = torch.rand(eligible.shape, device=sim.device).masked_fill(~eligible, -1).argmax(1)
+    return top_idx.gather(1, pick[:, None])[:, 0], eligible.any(1)
+
+
+def ema_tensors(net):
+    """The tensors eq. (2) averages: parameters and BatchNorm statistics."""
+    return [t for t in list(net.parameters()) + list(net.buffers()) if t.is_floating_point()]
+
+
+@torch.no_grad()
+def update_target(xi, theta, tau):
+    """Equation (2): xi <- tau * xi + (1 - tau) * theta, one foreach lerp over all tensors."""
+    torch._foreach_lerp_(xi, theta, 1.0 - tau)
+
+
+def lr_at(step, total, warmup, base):
+    """Linear warm-up to `base`, then cosine decay to 0 (App. C, D)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def tau_at(step, total, tau_base):
+    """tau from tau_base (step 0) to 1 (last step) along a cosine (BYOL, App. C, D)."""
+    return 1 - (1 - tau_base) * (math.cos(math.pi * step / total) + 1) / 2
+
+
+def lambda_at(step, ramp, weight):
+    """lambda ramped linearly from 0 to `weight` over `ramp` steps (section 2.1)."""
+    return weight * min(1.0, step / ramp) if ramp > 0 else weight
+
+
+# =============================================================================================
+# Linear evaluation (Appendix D): all weight decays of the sweep trained at once
+# =============================================================================================
+
+
+def angle_error(pred, labels):
+    """|angle(pred) - angle of direction l|, wrapped to [0, pi]; pred (..., n, 2) = (cos, sin)."""
+    angle = torch.atan2(pred[..., 1], pred[..., 0])
+    diff = torch.remainder(angle - labels * (2 * math.pi / 8) + math.pi, 2 * math.pi) - math.pi
+    return diff.abs()
+
+
+def weighted_f1(pred, labels, n_classes):
+    """Per-class F1 weighted by class support (sklearn's 'weighted'); pred (S, n) -> (S,)."""
+    f1 = 0
+    for c in range(n_classes):
+        tp = ((pred == c) & (labels == c)).sum(-1).float()
+        fp = ((pred == c) & (labels != c)).sum(-1).float()
+        fn = ((pred != c) & (labels == c)).sum(-1).float()
+        f1 = f1 + (labels == c).float().mean() * 2 * tp / (2 * tp + fp + fn).clamp(min=1)
+    return f1
+
+
+def scores(out, labels, task, n_classes):
+    """Metrics in % for each of the S readouts: out (S, n, O)."""
+    if task == "reach":
+        err = angle_error(out, labels)
+        return {"acc": 100 * (err < math.pi / 8).float().mean(-1),           # nearest direction
+                "delta_acc": 100 * (err < 3 * math.pi / 16).float().mean(-1)}  # App. D, Fig. S2
+    pred = out.argmax(-1)
+    return {"f1": 100 * weighted_f1(pred, labels, n_classes), "acc": 100 * (pred == labels).float().mean(-1)}
+
+
+def linear_eval(feats, labels, task, cfg):
+    """Train one linear readout per weight decay 2^a (a in the sweep) on frozen train features,
+    pick the best on validation, report it on test. Reach: (cos, sin) of the direction with MSE;
+    states: class-balanced cross-entropy. feats/labels: [train, val, test] tensors."""
+    a, b = (int(v) for v in cfg.eval_wd_exponents.split(":"))
+    wd = 2.0 ** torch.arange(a, b + 1, dtype=torch.float32, device=feats[0].device)    # (S,)
+    S, D = len(wd), feats[0].shape[1]
+    n_classes = int(max(l.max() for l in labels)) + 1
+    O = 2 if task == "reach" else n_classes
+    g = torch.Generator(device=feats[0].device).manual_seed(cfg.seed)
+    bound = 1 / math.sqrt(D)                                       # nn.Linear's initialisation
+    W = ((torch.rand(D, O, generator=g, device=wd.device) * 2 - 1) * bound).repeat(S, 1, 1)
+    bias = torch.zeros(S, 1, O, device=wd.device)
+    W.requires_grad_(), bias.requires_grad_()
+    opt = torch.optim.Adam([W, bias], lr=cfg.eval_lr)
+    X, Y = feats[0], labels[0]
+    if task == "reach":
+        target = torch.stack([torch.cos(Y * math.pi / 4), torch.sin(Y * math.pi / 4)], 1)   # (n, 2)
+    else:
+        counts = torch.bincount(Y, minlength=O).float()
+        class_w = counts.sum() / (O * counts.clamp(min=1))        # class-balanced training
+    for _ in range(cfg.eval_epochs):
+        for i in torch.randperm(len(X), generator=g, device=X.device).split(cfg.eval_batch_size):
+            out = X[i] @ W + bias                                  # (S, b, O)
+            if task == "reach":
+                loss = ((out - target[i]) ** 2).mean((1, 2)).sum()
+            else:
+                # sum over the S readouts of each one's class-weighted mean cross-entropy
+                loss = F.cross_entropy(out.flatten(0, 1), Y[i].repeat(S), class_w,
+                                       reduction="sum") / class_w[Y[i]].sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            with torch.no_grad():                                  # AdamW: decoupled decay first
+                W.mul_(1 - cfg.eval_lr * wd[:, None, None])
+                bias.mul_(1 - cfg.eval_lr * wd[:, None, None])
+            opt.step()
+    with torch.no_grad():
+        val = scores(feats[1] @ W + bias, labels[1], task, n_classes)
+        test = scores(feats[2] @ W + bias, labels[2], task, n_classes)
+    key = "acc" if task == "reach" else "f1"
+    best = int(torch.nan_to_num(val[key], nan=-1).argmax())
+    res = {f"test_{m}": round(float(v[best]), 2) for m, v in test.items()}
+    res.update({f"val_{m}": round(float(v[best]), 2) for m, v in val.items()})
+    res["eval_weight_decay"] = float(wd[best])
+    return res
+
+
+@torch.no_grad()
+def representations(f, splits):
+    f.eval()
+    feats = [f(s.normalized()).float() for s in splits]
+    f.train()
+    return feats
+
+
+# =============================================================================================
+# Training loop (Algorithm 1)
+# =============================================================================================
+
+
+def check_config(cfg, n_train):
+    if cfg.method not in ("myow", "byol"):
+        raise ConfigError(f"--method {cfg.method!r} is not known; choose myow or byol")
+    if cfg.batch_size > n_train:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {n_train} training "
+                          f"samples of {cfg.dataset}; use --batch-size {n_train} or less")
+    if cfg.method == "myow" and not 1 <= cfg.k <= cfg.pool_size:
+        raise ConfigError(f"--k {cfg.k} must be between 1 and --pool-size {cfg.pool_size}")
+    for name in ("noise_p", "pepper_p", "pepper_rate", "dropout_max"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}; a probability "
+                              f"must lie in [0, 1]")
+    if cfg.mine_in not in ("target", "online"):
+        raise ConfigError(f"--mine-in {cfg.mine_in!r}: choose target or online")
+
+
+def train(cfg, splits, device, log):
+    data = splits[0]
+    torch.manual_seed(cfg.seed)
+    model, target = (m.to(device) for m in build_networks(cfg, data.x.shape[1]))
+    xi, theta = ema_tensors(target), ema_tensors(model.net)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+    N, B, L = len(data), cfg.batch_size, cfg.pool_size
+    mining = cfg.method == "myow"
+    steps_per_epoch = N // B                                               # full batches only
+    total = cfg.epochs * steps_per_epoch
+    log_every = cfg.log_every or max(1, cfg.epochs // 20)
+    t0, step = time.time(), 0
+    for epoch in range(cfg.epochs):
+        stats = torch.zeros(5, device=device)     # loss, aug loss, mined loss, same-label, mined
+        perm = torch.randperm(N, device=device)
+        for it in range(steps_per_epoch):
+            lr = lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
+            tau = tau_at(step, total, cfg.tau)
+            lam = lambda_at(step, cfg.mining_ramp_epochs * steps_per_epoch, cfg.mining_weight)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            s = perm[it * B:(it + 1) * B]                                 # (B,) anchors
+            if not mining:
+                c = s[:0]
+            elif cfg.pool == "fresh":   # an independent stream of permutations (App. B); L may exceed N
+                c = torch.cat([torch.randperm(N, device=device) for _ in range(-(-L // N))])[:L]
+            else:                       # the batch's own target views x, x' are the candidates
+                c = torch.cat([s, s])
+            # Views: x = t(s), x' = t'(s), x_m = t_m(s), x_c = t_m(c); here T_m = T (App. D.1).
+            fresh = c if cfg.pool == "fresh" else c[:0]
+            views = augment_neural(data, torch.cat([s, s, s[:B if mining else 0], fresh]), cfg)
+            x, x2, x_m, x_c = views[:B], views[B:2 * B], views[2 * B:3 * B], views[3 * B:]
+            with autocast:
+                with torch.no_grad():                                      # target network xi
+                    y_t = target.f(torch.cat([x, x2, x_c]))                # (2B + L_fresh, D)
+                    z_t = target.g(y_t)
+                    u, z2 = z_t[:B], z_t[B:2 * B]                          # u = g(f(x)), z' = g(f(x'))
+                    first = 2 * B if cfg.pool == "fresh" else 0           # where the pool starts
+                y, p, r_v = model(torch.cat([x, x2, x_m]) if mining else torch.cat([x, x2]), B if mining else 0)
+                loss_aug = (d(p[:B], z2) + d(p[B:], u)).mean()             # d(q(z), z') + d(q(u'), u)
+                loss = loss_aug
+                if mining:
+                    with torch.no_grad():
+                        if cfg.mine_in == "target":
+                            y_pool = y_t[first:]                           # (L, D) f_xi(x_c)
+                        else:                                              # App. F: online space
+                            y_pool = model.net.f(x_c) if cfg.pool == "fresh" else y[:2 * B]
+                        allowed = neural_data.mining_mask(data.trial[s], data.time[s], data.trial[c],
+                                                          data.time[c], cfg.min_gap_s)   # (B, L)
+                        j, has = mine(y[2 * B:], y_pool, allowed, cfg.k)
+                        v2 = target.h(z_t[first:])[j]                      # v' = h(g(y'_m)), (B, Dv)
+                    loss_mine = (d(r_v, v2) * has).sum() / has.sum().clamp(min=1)
+                    loss = loss_aug + lam * loss_mine
+                    if data.labels is not None:
+                        stats[3] += (data.labels[s] == data.labels[c[j]])[has].sum()
+                    stats[2] += loss_mine.detach()
+                    stats[4] += has.sum()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step} "
+                                         f"(augmented {loss_aug.item()}); lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            update_target(xi, theta, tau)
+            stats[:2] += torch.stack([loss.detach(), loss_aug.detach()])
+            step += 1
+        st = (stats / steps_per_epoch).tolist()
+        rec = {"epoch": epoch + 1, "loss": st[0], "loss_aug": st[1], "loss_mined": st[2],
+               "lr": lr, "tau": tau, "lambda": lam,
+               "mining_class_acc": 100 * stats[3].item() / max(1, stats[4].item()) if mining else None}
+        log(rec, print_line=(epoch + 1) % log_every == 0 or epoch + 1 == cfg.epochs,
+            rate=step * B / (time.time() - t0), eta=(time.time() - t0) / step * (total - step))
+    return model, rec
+
+
+# =============================================================================================
+# Entry point
+# =============================================================================================
+
+
+def make_logger(cfg):
+    path = os.path.join(cfg.out, "log.jsonl") if cfg.out else None
+
+    def log(rec, print_line, rate, eta):
+        if path:
+            with open(path, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        if print_line:
+            mined = (f" mined {rec['loss_mined']:.3f} | class-acc {rec['mining_class_acc']:.1f}%"
+                     if rec["mining_class_acc"] is not None else "")
+            print(f"epoch {rec['epoch']:4d}/{cfg.epochs} | loss {rec['loss']:.3f} (aug {rec['loss_aug']:.3f}"
+                  f"{mined}) | lr {rec['lr']:.2e} tau {rec['tau']:.4f} lambda {rec['lambda']:.2f} | "
+                  f"{rate:,.0f} samples/s | ETA {eta:.0f}s", flush=True)
+    return log
+
+
+def run(cfg):
+    t_start = time.time()
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if cfg.device == "auto" else cfg.device))
+    rec, splits = load_neural(cfg, device)
+    check_config(cfg, len(splits[0]))
+    if cfg.out:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as fh:
+            json.dump(dataclasses.asdict(cfg), fh, indent=1)
+    print(f"{rec.name}: {len(rec.rates)} bins x {splits[0].x.shape[1]} neurons, splits "
+          f"{[len(s) for s in splits]}, {cfg.method} on {device}", flush=True)
+    t0 = time.time()
+    model, last = train(cfg, splits, device, make_logger(cfg))
+    train_seconds = time.time() - t0
+    t0 = time.time()
+    feats = representations(model.net.f, splits)
+    labels = [s.labels for s in splits]
+    metrics = linear_eval(feats, labels, rec.task, cfg) if rec.labels is not None else {}
+    result = {"dataset": cfg.dataset, "method": cfg.method, "seed": cfg.seed, "epochs": cfg.epochs,
+              **metrics, "mining_class_acc": last["mining_class_acc"],
+              "train_seconds": round(train_seconds, 2), "eval_seconds": round(time.time() - t0, 2),
+              "total_seconds": round(time.time() - t_start, 2)}
+    if cfg.out:
+        with open(os.path.join(cfg.out, "results.json"), "w") as fh:
+            json.dump(result, fh, indent=1)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main(argv=None):
+    try:
+        run(parse_config(argv))
+    except (ConfigError, neural_data.DataError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""Neural recordings for MYOW: binning, temporal splits, mining masks, the published data sets.
+
+Every recording becomes a `Recording`: firing rates (T, N) in Hz, plus for each bin the trial it
+belongs to and its time in seconds. Those two arrays are all that temporal jitter (Appendix J) and
+the mining mask (Appendix B) need, so reach trials and a continuous 12 h sleep recording are
+handled by the same code: a continuous recording is one long trial.
+
+Published files (Azabou et al. 2021, data of nerdslab/myow-neuro) are downloaded on demand into
+`data_dir` and checked against their SHA-256. The reach pickles were written with torch_geometric;
+they are read with a restricted unpickler that admits only the handful of names they use.
+"""
+import hashlib
+import io
+import os
+import pickle
+import urllib.request
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class DataError(Exception):
+    """Bad or missing data: the message says what was wrong and what to do."""
+
+
+@dataclass
+class Recording:
+    name: str
+    rates: np.ndarray       # (T, N) float32 firing rates in Hz, recording order
+    trial: np.ndarray       # (T,) int64 trial id; a continuous recording is a single trial 0
+    time: np.ndarray        # (T,) float64 seconds (from the trial's start for trial data)
+    labels: np.ndarray | None  # (T,) int64 behaviour class (reach direction 0..7, arousal state)
+    task: str               # 'reach' (labels are one of 8 directions), 'state' (classes) or 'none'
+    bin_s: float            # bin width in seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# Binning and splits
+# ---------------------------------------------------------------------------------------------
+def bin_spikes(spike_times, units, n_units, edges, rate=False):
+    """Spike counts (T, N) of spikes at `spike_times` (s) from `units` (ids 0..n_units-1) in the
+    bins [edges[i], edges[i+1]); spikes outside the edges are ignored. rate=True divides by the
+    bin width to give Hz. One `bincount` over (bin, unit) pairs, no Python loop over spikes."""
+    spike_times, units, edges = np.asarray(spike_times), np.asarray(units), np.asarray(edges, float)
+    b = np.searchsorted(edges, spike_times, side="right") - 1  # bin index of each spike
+    keep = (b >= 0) & (b < len(edges) - 1) & (spike_times < edges[-1])
+    counts = np.bincount(b[keep] * n_units + units[keep], minlength=(len(edges) - 1) * n_units)
+    counts = counts.reshape(len(edges) - 1, n_units).astype(np.float32)
+    return counts / np.diff(edges)[:, None].astype(np.float32) if rate else counts
+
+
+def temporal_split(trial, fractions=(0.7, 0.1, 0.2)):
+    """Train/validation/test sample indices in recording order (Appendix D: 70/10/20). Whole
+    trials go to one split; a single continuous trial is split by time instead."""
+    trial = np.asarray(trial)
+    _, first = np.unique(trial, return_index=True)
+    groups = trial if len(first) > 1 else np.arange(len(trial))   # unit of splitting
+    order = np.unique(groups, return_index=True)[1]
+    ids = groups[np.sort(order)]                                  # groups in recording order
+    n_train = int(round(fractions[0] * len(ids)))
+    n_val = int(round(fractions[1] * len(ids)))
+    parts = np.split(ids, [n_train, n_train + n_val])
+    return tuple(np.flatnonzero(np.isin(groups, p)) for p in parts)
+
+
+def jitter_bounds(trial, time, window):
+    """For each sample, the index range [lo, hi] of samples in the same trial at most `window`
+    seconds away (temporal jitter, Appendix D/J). Samples must be in recording order."""
+    rank = np.unique(trial, return_inverse=True)[1]
+    span = float(time.max() - time.min()) + 2 * window + 1.0
+    key = rank * span + (time - time.min())       # increasing; trials never overlap
+    lo = np.searchsorted(key, key - window, side="left")
+    hi = np.searchsorted(key, key + window, side="right") - 1
+    return lo, hi
+
+
+def mining_mask(trial_a, time_a, trial_c, time_c, min_gap):
+    """(B, L) True where candidate c may be mined for anchor a (Appendix B): a different trial,
+    or the same trial but at least `min_gap` seconds away. min_gap = inf: other trials only.
+    Works on numpy arrays and torch tensors alike."""
+    other_trial = trial_a[:, None] != trial_c[None, :]
+    if min_gap == float("inf"):
+        return other_trial
+    far = abs(time_a[:, None] - time_c[None, :]) >= min_gap
+    return other_trial | far
+
+
+# ---------------------------------------------------------------------------------------------
+# Published recordings: download, checksum, restricted unpickling
+# ---------------------------------------------------------------------------------------------
+REACH_URL = "https://github.com/nerdslab/myow-neuro/raw/main/data/mihi-chewie/processed/"
+RODENT_URL = "https://github.com/nerdslab/myow-neuro/raw/main/data/rodent/"
+FILES = {  # name -> (url, sha256), from ../shared/data/README.md
+    "full-chewie-10032013-bin0.10-vel_thresh5.00.pkl":
+        (REACH_URL, "2bf23f43a2f8e5f7794e9d1e3604c1dd8b222edca6b9980dcb9605ad12997adb"),
+    "full-chewie-12192013-bin0.10-vel_thresh5.00.pkl":
+        (REACH_URL, "62057a140c8c0e660b8cca2515317d583f83d2e362d04b166c789ba57aeca9b3"),
+    "full-mihi-03032014-bin0.10-vel_thresh5.00.pkl":
+        (REACH_URL, "aa53dffd7c7fea6787843221f2d4d01881befbc4c53a655fa9989cd5c837f729"),
+    "fr_bins_n_4full.npy":
+        (RODENT_URL, "75eb62fecd81899be546cf4770c0cf66afe4ae9f957b9bfdd5ebe5d0a00317bc"),
+    "behav_states_n_4full.npy":
+        (RODENT_URL, "7d0679a2a1b3a221b060cd7aa76ac59d371d74a8aad4c496b2559c3e23abd1ca"),
+}
+REACH = {"chewie1": "full-chewie-10032013-bin0.10-vel_thresh5.00.pkl",
+         "chewie2": "full-chewie-12192013-bin0.10-vel_thresh5.00.pkl",
+         "mihi1": "full-mihi-03032014-bin0.10-vel_thresh5.00.pkl"}
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch(name, data_dir, download=True):
+    """Path of the published file `name` in `data_dir`, downloaded if missing; refuses a file
+    whose SHA-256 differs from the published one."""
+    url, expected = FILES[name]
+    path = os.path.join(data_dir, name)
+    if not os.path.exists(path):
+        if not download:
+            raise DataError(f"{path} not found: download {url + name} and place it in {data_dir}")
+        os.makedirs(data_dir, exist_ok=True)
+        tmp = path + ".part"
+        try:
+            urllib.request.urlretrieve(url + name, tmp)
+        except OSError as e:
+            raise DataError(f"could not download {url + name} ({e}); without internet, download it "
+                            f"elsewhere and place it in {data_dir}") from None
+        if sha256(tmp) != expected:
+            os.remove(tmp)
+            raise DataError(f"download of {name} has the wrong SHA-256; try again later")
+        os.replace(tmp, path)
+    digest = sha256(path)
+    if digest != expected:
+        raise DataError(f"{path} has SHA-256 {digest[:12]}..., not the published {expected[:12]}...: "
+                        f"the file is corrupt or not the published one; delete it to download again")
+    return path
+
+
+class _Record:
+    """Stand-in for torch_geometric's Data and GlobalStorage: keeps the pickled state."""
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+class ReachUnpickler(pickle.Unpickler):
+    """Admits only the globals the published reach pickles name; anything else is refused, so a
+    crafted file cannot run code. Tensors inside are legacy torch.save blobs, read with
+    torch.load(weights_only=True), which is itself restricted to tensor rebuilding."""
+
+    def find_class(self, module, name):
+        import torch  # only needed for the reach files
+        import torch._utils
+        allowed = {
+            ("torch_geometric.data.data", "Data"): _Record,
+            ("torch_geometric.data.storage", "GlobalStorage"): _Record,
+            ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+            ("torch.storage", "_load_from_bytes"):
+                lambda b: torch.load(io.BytesIO(b), weights_only=True, map_location="cpu"),
+            ("collections", "OrderedDict"): OrderedDict,
+        }
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a reach pickle")
+        return allowed[(module, name)]
+
+
+def load_reach(path, name):
+    with open(path, "rb") as f:
+        trials = ReachUnpickler(f).load()["data"]
+    fields = [t._store._mapping for t in trials]               # one dict of tensors per trial
+    rates = np.concatenate([d["x"].numpy() for d in fields]).astype(np.float32)
+    steps = np.concatenate([d["timestep"].numpy() for d in fields])
+    trial = np.concatenate([np.full(len(d["x"]), i) for i, d in enumerate(fields)])
+    labels = np.concatenate([d["y"].numpy() for d in fields]).astype(np.int64)
+    return Recording(name, rates, trial.astype(np.int64), steps * 0.1, labels, "reach", 0.1)
+
+
+def load_mouse(data_dir, download=True):
+    counts = np.load(fetch("fr_bins_n_4full.npy", data_dir, download), allow_pickle=False)
+    states = np.load(fetch("behav_states_n_4full.npy", data_dir, download), allow_pickle=False)
+    rates = counts.T.astype(np.float32) / 4.0                   # (T, N) Hz in 4 s bins
+    t = np.arange(len(rates), dtype=np.float64) * 4.0
+    return Recording("mouse", rates, np.zeros(len(rates), np.int64), t, states.astype(np.int64),
+                     "state", 4.0)
+
+
+def load_npz(path):
+    """A user's recording: `firing_rates` (T, N) and `trial` ids or `time` stamps (s), optional
+    `labels` (T,) integer classes, optional `bin_s`. See the README for how to make one."""
+    if not os.path.exists(path):
+        raise DataError(f"--data-file {path} does not exist")
+    with np.load(path, allow_pickle=False) as z:
+        f = {k: z[k] for k in z.files}
+    if "firing_rates" not in f or not ({"trial", "time"} & f.keys()):
+        raise DataError(f"{path} holds {sorted(f)}; it needs 'firing_rates' (T, N) and 'trial' or 'time'")
+    rates = np.asarray(f["firing_rates"], np.float32)
+    if rates.ndim != 2:
+        raise DataError(f"firing_rates in {path} has shape {rates.shape}; expected (T, N)")
+    T = len(rates)
+    bin_s = float(f.get("bin_s", 1.0))
+    trial = np.asarray(f.get("trial", np.zeros(T)), np.int64)
+    time = np.asarray(f["time"], np.float64) if "time" in f else _time_in_trial(trial) * bin_s
+    labels = np.asarray(f["labels"]).astype(np.int64) if "labels" in f else None
+    for k, v in (("trial", trial), ("time", time), ("labels", labels)):
+        if v is not None and v.shape != (T,):
+            raise DataError(f"{k} in {path} has shape {v.shape}; expected ({T},) like firing_rates")
+    return Recording(os.path.basename(path), rates, trial, time, labels,
+                     "state" if labels is not None else "none", bin_s)
+
+
+def _time_in_trial(trial):
+    start = np.r_[0, np.flatnonzero(np.diff(trial)) + 1]       # first bin of each trial
+    return np.arange(len(trial)) - np.repeat(start, np.diff(np.r_[start, len(trial)]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic center-out reaching (offline default)
+# ---------------------------------------------------------------------------------------------
+def synthetic_reach(seed=0, n_trials=240, n_neurons=96, bin_s=0.1):
+    """Center-out reaches to 8 targets by cosine-tuned Poisson neurons (Georgopoulos et al. 1982):
+    rate = baseline + gain * speed(t) * depth * cos(theta_target - theta_preferred). Each trial
+    has a bell-shaped speed profile of random duration; the population gain drifts slowly from
+    trial to trial, so that nearby trials look alike and distant ones do not (the nuisance that
+    mining across trials has to see through). Deterministic by seed."""
+    rng = np.random.default_rng(seed)
+    preferred = rng.uniform(0, 2 * np.pi, n_neurons)
+    baseline = rng.uniform(2, 15, n_neurons)                    # Hz
+    depth = rng.uniform(5, 25, n_neurons)                       # Hz at peak speed
+    targets = rng.integers(0, 8, n_trials)
+    drift = 1 + 0.4 * np.sin(np.linspace(0, 3 * np.pi, n_trials) + rng.uniform(0, 2 * np.pi))
+    rates, trial, time, labels = [], [], [], []
+    for i, k in enumerate(targets):
+        n_bins = rng.integers(5, 10)
+        s = np.sin(np.linspace(0, np.pi, n_bins + 2)[1:-1]) ** 2         # speed profile, peak 1
+        tuning = np.cos(2 * np.pi * k / 8 - preferred)                   # (N,)
+        lam = baseline * drift[i] + drift[i] * s[:, None] * depth * tuning
+        counts = rng.poisson(np.clip(lam, 0, None) * bin_s)
+        rates.append(counts / bin_s)
+        trial += [i] * n_bins
+        time.append(np.arange(n_bins) * bin_s)
+        labels += [k] * n_bins
+    return Recording("synthetic", np.concatenate(rates).astype(np.float32), np.array(trial),
+                     np.concatenate(time), np.array(labels), "reach", bin_s)
+
+
+def load_recording(name, data_dir="data", data_file=None, seed=0, download=True):
+    """The recording called `name` (synthetic, chewie1, chewie2, mihi1, mouse, npz)."""
+    if name == "synthetic":
+        return synthetic_reach(seed)
+    if name in REACH:
+        return load_reach(fetch(REACH[name], data_dir, download), name)
+    if name == "mouse":
+        return load_mouse(data_dir, download)
+    if name == "npz":
+        if not data_file:
+            raise DataError("--dataset npz needs --data-file PATH.npz (see README, 'Your own recording')")
+        return load_npz(data_file)
+    raise DataError(f"unknown neural dataset {name!r}; choose synthetic, chewie1, chewie2, mihi1, mouse or npz")

@@ -1,0 +1,287 @@
+"""Properties of MYOW that fail when the method is wrong. Run: python -m pytest -q test_myow.py"""
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import myow
+import neural_data as nd
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(HERE, "..", "shared", "data")
+
+
+def run_cli(*args, timeout=240):
+    p = subprocess.run([sys.executable, os.path.join(HERE, "myow.py"), *args], capture_output=True,
+                       text=True, timeout=timeout, cwd=HERE)
+    return p
+
+
+# --- the loss, eq. (1) -------------------------------------------------------------------------
+def test_loss_is_negative_cosine_similarity():
+    g = torch.Generator().manual_seed(0)
+    p, z = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+    closed = -(p * z).sum(1) / (p.norm(dim=1) * z.norm(dim=1))
+    torch.testing.assert_close(myow.d(p, z), closed)
+    torch.testing.assert_close(myow.d(p, 3 * p), -torch.ones(7))            # scale-free, min -1
+    torch.testing.assert_close(myow.d(p, -p), torch.ones(7))
+
+
+def test_target_side_gets_no_gradient():
+    cfg = myow.Config(rep_dim=4, hidden=8, pred_hidden=8)
+    model, target = myow.build_networks(cfg, 6)
+    assert not any(t.requires_grad for t in target.parameters())
+    x = torch.randn(10, 6)
+    y, p, r_v = model(x, n_mined=4)
+    assert p.shape == (6, 4) and r_v.shape == (4, 4) and y.shape == (10, 4)
+
+
+# --- target network, eq. (2) ------------------------------------------------------------------
+def test_target_starts_equal_and_follows_eq2():
+    cfg = myow.Config(rep_dim=4, hidden=8, pred_hidden=8)
+    model, target = myow.build_networks(cfg, 6)
+    for a, b in zip(model.net.state_dict().values(), target.state_dict().values()):
+        assert torch.equal(a, b)
+    xi, theta = myow.ema_tensors(target), myow.ema_tensors(model.net)
+    with torch.no_grad():
+        for t in theta:
+            t.add_(torch.randn_like(t))
+    before = [t.clone() for t in xi]
+    tau = 0.9
+    myow.update_target(xi, theta, tau)
+    for new, old, th in zip(xi, before, theta):
+        torch.testing.assert_close(new, tau * old + (1 - tau) * th, rtol=0, atol=1e-6)
+    assert len(xi) == len(list(target.parameters())) + 2 * 4           # + BN running mean/var
+
+
+# --- mining (section 2.2, Appendix B) ---------------------------------------------------------
+def test_mining_never_picks_masked_and_picks_among_true_k_nearest():
+    g = torch.Generator().manual_seed(1)
+    B, L, D, k = 40, 30, 8, 5
+    ya, yp = torch.randn(B, D, generator=g), torch.randn(L, D, generator=g)
+    allowed = torch.rand(B, L, generator=g) < 0.5
+    allowed[0] = False                        # no candidate at all
+    allowed[1] = False
+    allowed[1, [3, 17]] = True                # fewer than k candidates
+    sim = torch.nn.functional.cosine_similarity(ya[:, None], yp[None], dim=-1).numpy()
+    seen = [set() for _ in range(B)]
+    for _ in range(200):
+        j, has = myow.mine(ya, yp, allowed, k)
+        assert not has[0] and has[1:].all()
+        for i in range(1, B):
+            ok = np.flatnonzero(allowed[i].numpy())
+            top = set(ok[np.argsort(-sim[i, ok])[:k]])          # brute-force k nearest allowed
+            assert allowed[i, j[i]] and int(j[i]) in top
+            seen[i].add(int(j[i]))
+    assert seen[1] == {3, 17}
+    assert all(len(seen[i]) == min(k, int(allowed[i].sum())) for i in range(2, B))   # uniform pick
+
+
+def test_mining_mask_trials_and_time_gap():
+    trial = np.array([0, 0, 1, 1, 2])
+    t = np.array([0.0, 0.1, 0.0, 0.1, 0.0])
+    m = nd.mining_mask(trial, t, trial, t, math.inf)
+    assert (m == (trial[:, None] != trial[None])).all()           # reach: other trials only
+    t2 = np.arange(5) * 1000.0
+    m2 = nd.mining_mask(np.zeros(5), t2, np.zeros(5), t2, 1800.0)  # sleep: >= 30 min away
+    assert (m2 == (abs(t2[:, None] - t2[None]) >= 1800)).all() and not m2.diagonal().any()
+
+
+# --- augmentations (Appendix D.1, J) ----------------------------------------------------------
+def make_split(cfg, rec):
+    idx = np.arange(len(rec.rates))
+    keep = np.ones(rec.rates.shape[1], bool)
+    return myow.NeuralSplit(rec, idx, keep, torch.zeros(keep.sum()), torch.ones(keep.sum()),
+                            cfg, torch.device("cpu"))
+
+
+def test_augmentation_randomness_is_per_sample():
+    rec = nd.Recording("toy", np.full((50, 400), 10.0, np.float32), np.repeat(np.arange(5), 10),
+                       np.tile(np.arange(10) * 0.1, 5), None, "none", 0.1)
+    cfg = myow.Config(noise_p=0.0, pepper_p=0.0)
+    data = make_split(cfg, rec)
+    torch.manual_seed(0)
+    x = myow.augment_neural(data, torch.zeros(2000, dtype=torch.long), cfg)
+    drop = (x == 0).float().mean(1)                                 # dropout rate of each view
+    assert drop.max() <= 0.3 and drop.std() > 0.04                 # rates differ within the batch
+    assert abs(drop.mean() - 0.1) < 0.01                            # U[0, 0.2] has mean 0.1
+    cfg = myow.Config(dropout_max=0.0, pepper_p=0.0, noise_p=0.5, jitter_s=0.0)
+    x = myow.augment_neural(data, torch.zeros(2000, dtype=torch.long), cfg) - 10
+    noisy = x.abs().sum(1) > 0
+    assert 0.45 < noisy.float().mean() < 0.55                       # p = 0.5 per sample
+    assert abs(x[noisy].std() - 1.5) < 0.02
+    cfg = myow.Config(dropout_max=0.0, noise_p=0.0, pepper_p=0.5, jitter_s=0.0)
+    x = myow.augment_neural(data, torch.zeros(2000, dtype=torch.long), cfg) - 10
+    hit = x.sum(1) > 0
+    assert 0.45 < hit.float().mean() < 0.55
+    assert set(x.unique().tolist()) == {0.0, 1.5} and abs((x[hit] > 0).float().mean() - 0.3) < 0.01
+
+
+def test_temporal_jitter_stays_in_trial_and_window():
+    trial = np.repeat(np.arange(6), 8)
+    t = np.tile(np.arange(8) * 0.1, 6)
+    rec = nd.Recording("toy", np.arange(48, dtype=np.float32)[:, None].repeat(3, 1), trial, t,
+                       None, "none", 0.1)
+    cfg = myow.Config(dropout_max=0.0, noise_p=0.0, pepper_p=0.0, jitter_s=0.2)
+    data = make_split(cfg, rec)
+    idx = torch.arange(48).repeat(200)
+    j = myow.augment_neural(data, idx, cfg)[:, 0].long()            # value = index of the sample
+    assert (torch.as_tensor(trial)[j] == torch.as_tensor(trial)[idx]).all()
+    assert ((torch.as_tensor(t)[j] - torch.as_tensor(t)[idx]).abs() <= 0.2 + 1e-6).all()
+    assert len(set((j - idx).tolist())) == 5                        # -2..2 bins all occur
+
+
+# --- schedules --------------------------------------------------------------------------------
+def test_schedule_end_points():
+    assert myow.tau_at(0, 1000, 0.98) == pytest.approx(0.98)
+    assert myow.tau_at(1000, 1000, 0.98) == pytest.approx(1.0)
+    assert myow.lr_at(99, 1000, 100, 0.02) == pytest.approx(0.02)          # end of warm-up
+    assert myow.lr_at(0, 1000, 100, 0.02) == pytest.approx(0.0002)
+    assert myow.lr_at(1000, 1000, 100, 0.02) == pytest.approx(0.0, abs=1e-12)
+    assert myow.lr_at(550, 1000, 100, 0.02) == pytest.approx(0.01)         # half-way in cosine
+    assert myow.lambda_at(0, 10, 1.0) == 0.0 and myow.lambda_at(5, 10, 1.0) == 0.5
+    assert myow.lambda_at(10, 10, 1.0) == 1.0 and myow.lambda_at(500, 10, 1.0) == 1.0
+
+
+# --- evaluation -------------------------------------------------------------------------------
+def test_angle_metrics():
+    labels = torch.zeros(4, dtype=torch.long) + 7                    # direction 7: -pi/4
+    ang = torch.tensor([-math.pi / 4, -math.pi / 4 + 0.39, -math.pi / 4 - 0.5, 2 * math.pi - math.pi / 4])
+    out = torch.stack([torch.cos(ang), torch.sin(ang)], 1)[None]
+    sc = myow.scores(out, labels, "reach", 8)
+    assert sc["acc"].item() == 75.0                                  # pi/8 = 0.3927
+    assert sc["delta_acc"].item() == 100.0                           # 3 pi/16 = 0.589
+
+
+def test_weighted_f1_matches_definition():
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
+    p = torch.tensor([0, 1, 0, 1, 2, 2, 2, 0, 2, 2])
+    f1 = {0: 2 * 2 / (2 * 2 + 1 + 1), 1: 2 * 1 / (2 + 1 + 1), 2: 2 * 4 / (8 + 1 + 1)}
+    expected = (3 * f1[0] + 2 * f1[1] + 5 * f1[2]) / 10
+    assert myow.weighted_f1(p[None], y, 3).item() == pytest.approx(expected)
+
+
+def test_linear_eval_decodes_perfect_features():
+    g = torch.Generator().manual_seed(0)
+    labels = [torch.randint(0, 8, (n,), generator=g) for n in (300, 60, 60)]
+    feats = [torch.cat([torch.nn.functional.one_hot(l, 8).float(), torch.randn(len(l), 4, generator=g)], 1)
+             for l in labels]
+    res = myow.linear_eval(feats, labels, "reach", myow.Config(eval_epochs=200))
+    assert res["test_acc"] > 95
+    res = myow.linear_eval(feats, labels, "state", myow.Config(eval_epochs=200))
+    assert res["test_f1"] > 95
+
+
+# --- neural_data ------------------------------------------------------------------------------
+def test_binning_matches_a_loop():
+    rng = np.random.default_rng(0)
+    times, units = rng.uniform(-1, 11, 5000), rng.integers(0, 7, 5000)
+    edges = np.linspace(0, 10, 41)
+    counts = nd.bin_spikes(times, units, 7, edges)
+    loop = np.zeros((40, 7))
+    for t, u in zip(times, units):
+        for b in range(40):
+            if edges[b] <= t < edges[b + 1]:
+                loop[b, u] += 1
+    assert (counts == loop).all()
+    assert np.allclose(nd.bin_spikes(times, units, 7, edges, rate=True), loop / 0.25)
+
+
+def test_splits_are_disjoint_ordered_and_keep_trials_whole():
+    trial = np.repeat(np.arange(20), 5)
+    tr, va, te = nd.temporal_split(trial)
+    assert len(np.intersect1d(tr, va)) == len(np.intersect1d(va, te)) == 0
+    assert len(tr) + len(va) + len(te) == 100
+    assert tr.max() < va.min() and va.max() < te.min()                # recording order
+    assert len(np.unique(trial[tr])) == 14 and len(np.unique(trial[va])) == 2
+    assert not set(trial[tr]) & set(trial[va]) and not set(trial[va]) & set(trial[te])
+    tr, va, te = nd.temporal_split(np.zeros(1000))                   # continuous: split by time
+    assert (len(tr), len(va), len(te)) == (700, 100, 200) and tr.max() < va.min() < te.min()
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_reach_unpickler_refuses_crafted_pickle(tmp_path):
+    blob = pickle.dumps({"data": [Boom()]})
+    with pytest.raises(pickle.UnpicklingError, match="system"):
+        nd.ReachUnpickler(__import__("io").BytesIO(blob)).load()
+
+
+def test_checksum_mismatch_is_refused(tmp_path):
+    name = "fr_bins_n_4full.npy"
+    np.save(tmp_path / name, np.zeros((42, 10), np.int32))
+    with pytest.raises(nd.DataError, match="SHA-256"):
+        nd.fetch(name, str(tmp_path), download=False)
+    with pytest.raises(nd.DataError, match="place it in"):
+        nd.fetch("behav_states_n_4full.npy", str(tmp_path), download=False)
+
+
+def test_synthetic_is_deterministic():
+    a, b = nd.synthetic_reach(3), nd.synthetic_reach(3)
+    assert np.array_equal(a.rates, b.rates) and np.array_equal(a.labels, b.labels)
+    assert not np.array_equal(nd.synthetic_reach(4).rates, a.rates)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, nd.REACH["chewie1"])),
+                    reason="Chewie-1 not in ../shared/data")
+def test_chewie1_loads_with_documented_shapes():
+    rec = nd.load_recording("chewie1", SHARED, download=False)
+    assert rec.rates.shape == (895, 174) and rec.rates.dtype == np.float32
+    assert len(np.unique(rec.trial)) == 159 and set(np.unique(rec.labels)) == set(range(8))
+    for i in np.unique(rec.trial):                                   # one direction per trial
+        assert len(np.unique(rec.labels[rec.trial == i])) == 1
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "fr_bins_n_4full.npy")),
+                    reason="Mouse-CA1 not in ../shared/data")
+def test_mouse_loads_with_documented_shapes():
+    rec = nd.load_recording("mouse", SHARED, download=False)
+    assert rec.rates.shape == (10800, 42)
+    assert np.bincount(rec.labels).tolist() == [3832, 6206, 762]
+    assert rec.time[-1] == 4 * 10799
+
+
+def test_npz_recording_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    rates = rng.poisson(5, (300, 12)).astype(np.float32)
+    np.savez(tmp_path / "r.npz", firing_rates=rates, time=np.arange(300) * 0.5,
+             labels=rng.integers(0, 3, 300))
+    rec = nd.load_recording("npz", data_file=str(tmp_path / "r.npz"))
+    assert rec.rates.shape == (300, 12) and rec.task == "state" and (rec.trial == 0).all()
+    np.savez(tmp_path / "bad.npz", rates=rates)
+    with pytest.raises(nd.DataError, match="firing_rates"):
+        nd.load_recording("npz", data_file=str(tmp_path / "bad.npz"))
+
+
+# --- the command line -------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["myow", "byol"])
+def test_cli_trains_and_prints_json(method, tmp_path):
+    p = run_cli("--epochs", "40", "--method", method, "--warmup-epochs", "4", "--out", str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    for key in ("dataset", "method", "seed", "epochs", "train_seconds", "eval_seconds",
+                "test_acc", "test_delta_acc", "val_acc", "mining_class_acc"):
+        assert key in res
+    assert res["method"] == method and res["epochs"] == 40
+    assert res["test_acc"] > 40                                     # 8 directions: chance 12.5
+    assert (res["mining_class_acc"] is None) == (method == "byol")
+    log = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
+    assert len(log) == 40 and json.load(open(tmp_path / "results.json")) == res
+
+
+def test_cli_bad_input_is_one_clear_line():
+    p = run_cli("--dataset", "cifar11")
+    assert p.returncode != 0 and "unknown --dataset 'cifar11'" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli("--batch-size", "100000", "--epochs", "1")
+    assert p.returncode != 0 and "larger than" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli("--noise-p", "1.5", "--epochs", "1")
+    assert p.returncode != 0 and "[0, 1]" in p.stderr
