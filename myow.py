@@ -147,12 +147,13 @@ def augment_neural(data, idx, cfg):
     j = data.jitter_lo[idx] + (torch.rand(n, device=dev) * data.jitter_n[idx]).long()
     x = data.x[j]                                                                 # (n, D) Hz
     p_drop = torch.rand(n, 1, device=dev) * cfg.dropout_max                      # rate per sample
-    x = x * (torch.rand(n, D, device=dev) >= p_drop)
-    noisy = torch.rand(n, 1, device=dev) < cfg.noise_p
-    x = x + noisy * torch.randn(n, D, device=dev) * cfg.noise_std
-    peppered = torch.rand(n, 1, device=dev) < cfg.pepper_p
-    x = x + peppered * (torch.rand(n, D, device=dev) < cfg.pepper_rate) * cfg.pepper_value
-    return (x - data.mean) / data.std
+    x.mul_(torch.rand(n, D, device=dev) >= p_drop)
+    noisy = torch.nonzero(torch.rand(n, device=dev) < cfg.noise_p)[:, 0]         # rows with noise
+    x.index_add_(0, noisy, torch.randn(len(noisy), D, device=dev), alpha=cfg.noise_std)
+    pep = torch.nonzero(torch.rand(n, device=dev) < cfg.pepper_p)[:, 0]          # rows with pepper
+    x.index_add_(0, pep, (torch.rand(len(pep), D, device=dev) < cfg.pepper_rate).float(),
+                 alpha=cfg.pepper_value)
+    return x.sub_(data.mean).div_(data.std)
 
 
 def load_neural(cfg, device):

@@ -82,7 +82,7 @@ def mining_mask(trial_a, time_a, trial_c, time_c, min_gap):
     other_trial = trial_a[:, None] != trial_c[None, :]
     if min_gap == float("inf"):
         return other_trial
-    far = abs(time_a[:, None] - time_c[None, :]) >= min_gap
+    far = (time_a[:, None] - time_c[None, :]).abs_() >= min_gap
     return other_trial | far
 
 

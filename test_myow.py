@@ -84,12 +84,12 @@ def test_mining_never_picks_masked_and_picks_among_true_k_nearest():
 
 
 def test_mining_mask_trials_and_time_gap():
-    trial = np.array([0, 0, 1, 1, 2])
-    t = np.array([0.0, 0.1, 0.0, 0.1, 0.0])
+    trial = torch.tensor([0, 0, 1, 1, 2])
+    t = torch.tensor([0.0, 0.1, 0.0, 0.1, 0.0])
     m = nd.mining_mask(trial, t, trial, t, math.inf)
     assert (m == (trial[:, None] != trial[None])).all()           # reach: other trials only
-    t2 = np.arange(5) * 1000.0
-    m2 = nd.mining_mask(np.zeros(5), t2, np.zeros(5), t2, 1800.0)  # sleep: >= 30 min away
+    t2 = torch.arange(5) * 1000.0
+    m2 = nd.mining_mask(torch.zeros(5), t2, torch.zeros(5), t2, 1800.0)  # sleep: >= 30 min away
     assert (m2 == (abs(t2[:, None] - t2[None]) >= 1800)).all() and not m2.diagonal().any()
 
 
