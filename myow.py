@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -47,7 +49,10 @@ class Config:
     data_file: str = arg("", "with --dataset npz: your recording (see README)")
     method: str = arg("myow", "myow | byol (the same code with lambda = 0 and no mining)")
     seed: int = arg(0, "random seed of initialisation, batches, augmentations and mining")
-    out: str = arg("", "folder for config.json, log.jsonl and results.json; empty: write nothing")
+    out: str = arg("", "folder for config.json, log.jsonl, checkpoint.pt, results.json; empty: none")
+    resume: bool = arg(False, "continue the run in --out from its checkpoint")
+    overwrite: bool = arg(False, "replace the run already in --out")
+    ckpt_every: int = arg(100, "write --out/checkpoint.pt every this many epochs, and at the end")
     # -- optimisation (Appendix D.1 "Training") --
     epochs: int = arg(1000, "training epochs (App. D: 1000)")
     batch_size: int = arg(512, "B, anchors per step (App. D: 512)")
@@ -102,11 +107,14 @@ class ConfigError(Exception):
 
 
 def parse_config(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Config):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
-                            help=f.metadata["help"] + f" [default {f.default}, or the dataset's preset]")
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", default=None, help=help)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=None,
+                                help=f"{help} [{f.default}, or the dataset's preset]")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     dataset = given.get("dataset", Config.dataset)
     if dataset not in PRESETS:
@@ -162,6 +170,10 @@ def load_neural(cfg, device):
         bad = np.argwhere(~np.isfinite(rec.rates))[0]
         raise neural_data.DataError(f"{rec.name}: firing rate at bin {bad[0]}, neuron {bad[1]} is "
                                     f"{rec.rates[tuple(bad)]}; remove or interpolate non-finite values")
+    if rec.labels is not None and (rec.labels.min() < 0 or (rec.task == "reach" and rec.labels.max() > 7)):
+        bad = rec.labels[(rec.labels < 0) | ((rec.labels > 7) & (rec.task == "reach"))][0]
+        raise neural_data.DataError(f"{rec.name}: label {bad} is out of range; labels must be integer "
+                                    f"classes 0, 1, 2, ... (reach directions 0..7)")
     splits = neural_data.temporal_split(rec.trial)
     train = rec.rates[splits[0]]
     std = train.std(0)
@@ -368,100 +380,237 @@ def representations(f, splits):
 
 
 # =============================================================================================
+# Distributed training hooks (torchrun) and checkpoints
+# =============================================================================================
+
+
+def setup_distributed(cfg):
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is one process."""
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_gather(t):
+    """Concatenate a tensor from all ranks, in rank order (the global mining pool, sec. 2.3)."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+RUN_FIELDS = {"out", "resume", "overwrite", "device", "log_every", "ckpt_every", "data_dir"}
+
+
+def rng_states(index_gen):
+    states = {"torch": torch.get_rng_state(), "index": index_gen.get_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    if dist.is_initialized():                     # every rank has its own augmentation stream
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, states)
+        return gathered
+    return [states]
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temporary file, flush it to disk, rename. A kill at any moment leaves the
+    previous checkpoint readable."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, cfg):
+    if not os.path.exists(path):
+        raise ConfigError(f"--resume: no checkpoint at {path}; start without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"checkpoint {path} is unreadable ({type(e).__name__}), perhaps truncated; "
+                          f"delete it and start again with --overwrite") from None
+    now = dataclasses.asdict(cfg)
+    differ = [k for k, v in state["config"].items() if k not in RUN_FIELDS and now.get(k) != v]
+    if differ:
+        k = differ[0]
+        raise ConfigError(f"checkpoint {path} was written with --{k.replace('_', '-')} "
+                          f"{state['config'][k]}, this run has {now.get(k)} ({len(differ)} field(s) differ: "
+                          f"{', '.join(differ)}); resume with the same settings or use another --out")
+    return state
+
+
+# =============================================================================================
 # Training loop (Algorithm 1)
 # =============================================================================================
 
 
-def check_config(cfg, n_train):
+def check_config(cfg, data, world):
     if cfg.method not in ("myow", "byol"):
         raise ConfigError(f"--method {cfg.method!r} is not known; choose myow or byol")
-    if cfg.batch_size > n_train:
-        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {n_train} training "
-                          f"samples of {cfg.dataset}; use --batch-size {n_train} or less")
-    if cfg.method == "myow" and not 1 <= cfg.k <= cfg.pool_size:
-        raise ConfigError(f"--k {cfg.k} must be between 1 and --pool-size {cfg.pool_size}")
+    if cfg.batch_size > len(data):
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} training "
+                          f"samples of {cfg.dataset}; use --batch-size {len(data)} or less")
+    if cfg.batch_size % world or cfg.pool_size % world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} and --pool-size {cfg.pool_size} are global "
+                          f"and must divide by the {world} processes")
     for name in ("noise_p", "pepper_p", "pepper_rate", "dropout_max"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}; a probability "
                               f"must lie in [0, 1]")
-    if cfg.mine_in not in ("target", "online"):
-        raise ConfigError(f"--mine-in {cfg.mine_in!r}: choose target or online")
+    if cfg.pool not in ("fresh", "batch") or cfg.mine_in not in ("target", "online"):
+        raise ConfigError(f"--pool {cfg.pool!r} / --mine-in {cfg.mine_in!r}: choose fresh or batch "
+                          f"/ target or online")
+    if cfg.method == "myow":
+        L = cfg.pool_size if cfg.pool == "fresh" else 2 * cfg.batch_size
+        # candidates each anchor may ever mine among the training samples, by the mask (App. B)
+        eligible = torch.cat([neural_data.mining_mask(data.trial[i], data.time[i], data.trial,
+                                                      data.time, cfg.min_gap_s).sum(1)
+                              for i in torch.arange(len(data)).split(1024)])
+        typical = int(eligible.median())
+        if not 1 <= cfg.k <= min(L, typical):
+            raise ConfigError(f"--k {cfg.k} is larger than the eligible pool: L = {L} candidates, and "
+                              f"the mask (--min-gap-s {cfg.min_gap_s}) leaves a typical anchor {typical} "
+                              f"of the {len(data)} training samples; lower --k or --min-gap-s")
 
 
-def train(cfg, splits, device, log):
+def train(cfg, splits, device, log, rank=0, world=1, state=None):
+    """Algorithm 1. Returns the online model and the last epoch's log record."""
     data = splits[0]
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)                                   # same initial theta everywhere
     model, target = (m.to(device) for m in build_networks(cfg, data.x.shape[1]))
+    if world > 1:
+        if device.type == "cuda":                 # BatchNorm over the global batch (GPU only)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    online = ddp if world > 1 else model
     xi, theta = ema_tensors(target), ema_tensors(model.net)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=device.type in ("cpu", "cuda"))
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     N, B, L = len(data), cfg.batch_size, cfg.pool_size
+    b, l = B // world, L // world                               # this rank's share
     mining = cfg.method == "myow"
     steps_per_epoch = N // B                                               # full batches only
     total = cfg.epochs * steps_per_epoch
     log_every = cfg.log_every or max(1, cfg.epochs // 20)
-    t0, step = time.time(), 0
-    for epoch in range(cfg.epochs):
+    index_gen = torch.Generator().manual_seed(cfg.seed)        # batches and pools: same on all ranks
+    torch.manual_seed(cfg.seed + rank)                          # augmentations: one stream per rank
+    start, last = 0, None
+    if state is not None:                                       # --resume
+        model.load_state_dict(state["model"])
+        target.load_state_dict(state["target"])
+        opt.load_state_dict(state["opt"])
+        start, last = state["epoch"], state["last"]
+        rng = state["rng"][rank]
+        torch.set_rng_state(rng["torch"])
+        index_gen.set_state(rng["index"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+    ckpt = os.path.join(cfg.out, "checkpoint.pt") if cfg.out else None
+    stop = {"interrupted": False}
+
+    def on_ctrl_c(*_):                          # first Ctrl-C: finish the epoch, save, exit
+        if stop["interrupted"]:
+            raise KeyboardInterrupt("interrupted twice; no checkpoint written for this epoch")
+        stop["interrupted"] = True
+    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
+    t0, step = time.time(), start * steps_per_epoch
+    for epoch in range(start, cfg.epochs):
         stats = torch.zeros(5, device=device)     # loss, aug loss, mined loss, same-label, mined
-        perm = torch.randperm(N, device=device)
+        first_bad = torch.full((3,), -1.0, device=device)      # step, loss terms of a non-finite loss
+        perm = torch.randperm(N, generator=index_gen).to(device)
         for it in range(steps_per_epoch):
             lr = lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
             tau = tau_at(step, total, cfg.tau)
             lam = lambda_at(step, cfg.mining_ramp_epochs * steps_per_epoch, cfg.mining_weight)
             for group in opt.param_groups:
                 group["lr"] = lr
-            s = perm[it * B:(it + 1) * B]                                 # (B,) anchors
+            s = perm[it * B + rank * b:it * B + (rank + 1) * b]          # (b,) this rank's anchors
             if not mining:
                 c = s[:0]
             elif cfg.pool == "fresh":   # an independent stream of permutations (App. B); L may exceed N
-                c = torch.cat([torch.randperm(N, device=device) for _ in range(-(-L // N))])[:L]
+                pool = torch.cat([torch.randperm(N, generator=index_gen) for _ in range(-(-L // N))])
+                c = pool[rank * l:(rank + 1) * l].to(device)
             else:                       # the batch's own target views x, x' are the candidates
                 c = torch.cat([s, s])
             # Views: x = t(s), x' = t'(s), x_m = t_m(s), x_c = t_m(c); here T_m = T (App. D.1).
             fresh = c if cfg.pool == "fresh" else c[:0]
-            views = augment_neural(data, torch.cat([s, s, s[:B if mining else 0], fresh]), cfg)
-            x, x2, x_m, x_c = views[:B], views[B:2 * B], views[2 * B:3 * B], views[3 * B:]
+            views = augment_neural(data, torch.cat([s, s, s[:b if mining else 0], fresh]), cfg)
+            x, x2, x_m, x_c = views[:b], views[b:2 * b], views[2 * b:3 * b], views[3 * b:]
             with autocast:
                 with torch.no_grad():                                      # target network xi
-                    y_t = target.f(torch.cat([x, x2, x_c]))                # (2B + L_fresh, D)
+                    y_t = target.f(torch.cat([x, x2, x_c]))                # (2b + l, D)
                     z_t = target.g(y_t)
-                    u, z2 = z_t[:B], z_t[B:2 * B]                          # u = g(f(x)), z' = g(f(x'))
-                    first = 2 * B if cfg.pool == "fresh" else 0           # where the pool starts
-                y, p, r_v = model(torch.cat([x, x2, x_m]) if mining else torch.cat([x, x2]), B if mining else 0)
-                loss_aug = (d(p[:B], z2) + d(p[B:], u)).mean()             # d(q(z), z') + d(q(u'), u)
-                loss = loss_aug
+                    u, z2 = z_t[:b], z_t[b:2 * b]                          # u = g(f(x)), z' = g(f(x'))
+                    first = 2 * b if cfg.pool == "fresh" else 0           # where the pool starts
+                y, p, r_v = online(torch.cat([x, x2, x_m]) if mining else torch.cat([x, x2]), b if mining else 0)
+                loss_aug = (d(p[:b], z2) + d(p[b:], u)).mean()             # d(q(z), z') + d(q(u'), u)
+                loss_mine = torch.zeros((), device=device)
                 if mining:
                     with torch.no_grad():
                         if cfg.mine_in == "target":
-                            y_pool = y_t[first:]                           # (L, D) f_xi(x_c)
+                            y_pool = y_t[first:]                           # (l, D) f_xi(x_c)
                         else:                                              # App. F: online space
-                            y_pool = model.net.f(x_c) if cfg.pool == "fresh" else y[:2 * B]
-                        allowed = neural_data.mining_mask(data.trial[s], data.time[s], data.trial[c],
-                                                          data.time[c], cfg.min_gap_s)   # (B, L)
-                        j, has = mine(y[2 * B:], y_pool, allowed, cfg.k)
-                        v2 = target.h(z_t[first:])[j]                      # v' = h(g(y'_m)), (B, Dv)
-                    loss_mine = (d(r_v, v2) * has).sum() / has.sum().clamp(min=1)
-                    loss = loss_aug + lam * loss_mine
+                            y_pool = model.net.f(x_c) if cfg.pool == "fresh" else y[:2 * b]
+                        c_all = all_gather(c)                              # (L,) global pool
+                        y_pool = all_gather(y_pool)                        # (L, D)
+                        v_pool = all_gather(target.h(z_t[first:]))         # (L, Dv) h(g(y'_c))
+                        allowed = neural_data.mining_mask(data.trial[s], data.time[s], data.trial[c_all],
+                                                          data.time[c_all], cfg.min_gap_s)   # (b, L)
+                        j, has = mine(y[2 * b:], y_pool, allowed, cfg.k)
+                    loss_mine = (d(r_v, v_pool[j]) * has).sum() / has.sum().clamp(min=1)
                     if data.labels is not None:
-                        stats[3] += (data.labels[s] == data.labels[c[j]])[has].sum()
-                    stats[2] += loss_mine.detach()
+                        stats[3] += (data.labels[s] == data.labels[c_all[j]])[has].sum()
                     stats[4] += has.sum()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step} "
-                                         f"(augmented {loss_aug.item()}); lower --lr")
+                loss = loss_aug + lam * loss_mine
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             update_target(xi, theta, tau)
-            stats[:2] += torch.stack([loss.detach(), loss_aug.detach()])
+            terms = torch.stack([loss.detach(), loss_aug.detach(), loss_mine.detach()])
+            stats[:3] += terms
+            bad = ~torch.isfinite(terms).all() & (first_bad[0] < 0)
+            first_bad = torch.where(bad, torch.cat([torch.tensor([float(step)], device=device), terms[1:]]), first_bad)
             step += 1
+        flags = torch.tensor([float(stop["interrupted"]), float(first_bad[0] >= 0)], device=device)
+        if world > 1:                             # every rank stops together; logs cover all ranks
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            dist.all_reduce(stats)
+            stats[:3] /= world
+        if flags[1]:
+            raise FloatingPointError(f"non-finite loss at step {int(first_bad[0])} (epoch {epoch + 1}): "
+                                     f"augmented-view loss {first_bad[1]:.4g}, mined-view loss "
+                                     f"{first_bad[2]:.4g}; lower --lr. The last good checkpoint is kept.")
         st = (stats / steps_per_epoch).tolist()
-        rec = {"epoch": epoch + 1, "loss": st[0], "loss_aug": st[1], "loss_mined": st[2],
-               "lr": lr, "tau": tau, "lambda": lam,
-               "mining_class_acc": 100 * stats[3].item() / max(1, stats[4].item()) if mining else None}
-        log(rec, print_line=(epoch + 1) % log_every == 0 or epoch + 1 == cfg.epochs,
-            rate=step * B / (time.time() - t0), eta=(time.time() - t0) / step * (total - step))
-    return model, rec
+        last = {"epoch": epoch + 1, "loss": st[0], "loss_aug": st[1], "loss_mined": st[2] if mining else None,
+                "lr": lr, "tau": tau, "lambda": lam,
+                "mining_class_acc": 100 * stats[3].item() / max(1, stats[4].item()) if mining else None}
+        done = epoch + 1 - start
+        if rank == 0:
+            log(last, print_line=(epoch + 1) % log_every == 0 or epoch + 1 == cfg.epochs,
+                rate=done * steps_per_epoch * B / (time.time() - t0),
+                eta=(time.time() - t0) / done * (cfg.epochs - epoch - 1))
+        if ckpt and (flags[0] or (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs):
+            state = {"model": model.state_dict(), "target": target.state_dict(), "opt": opt.state_dict(),
+                     "epoch": epoch + 1, "last": last, "rng": rng_states(index_gen),
+                     "config": dataclasses.asdict(cfg)}
+            if rank == 0:
+                save_checkpoint(ckpt, state)
+        if flags[0]:
+            raise KeyboardInterrupt(f"interrupted after epoch {epoch + 1}"
+                                    + (f"; checkpoint written, continue with --resume --out {cfg.out}" if ckpt else ""))
+    signal.signal(signal.SIGINT, previous_handler)
+    return model, last
 
 
 # =============================================================================================
@@ -485,27 +634,56 @@ def make_logger(cfg):
     return log
 
 
-def run(cfg):
-    t_start = time.time()
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if cfg.device == "auto" else cfg.device))
-    rec, splits = load_neural(cfg, device)
-    check_config(cfg, len(splits[0]))
-    if cfg.out:
+OUT_FILES = ("config.json", "log.jsonl", "results.json", "checkpoint.pt")
+
+
+def prepare_out(cfg, rank):
+    """Never overwrite a run silently: continue it (--resume) or replace it (--overwrite)."""
+    if not cfg.out:
+        if cfg.resume:
+            raise ConfigError("--resume needs --out DIR, the folder of the run to continue")
+        return None
+    state = load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), cfg) if cfg.resume else None
+    ours = [f for f in OUT_FILES if os.path.exists(os.path.join(cfg.out, f))]
+    if ours and not cfg.resume and not cfg.overwrite:
+        raise ConfigError(f"--out {cfg.out} already holds a run ({', '.join(ours)}); continue it with "
+                          f"--resume or replace it with --overwrite")
+    if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
+        if cfg.overwrite and not cfg.resume:
+            for f in ours:
+                os.remove(os.path.join(cfg.out, f))
+        log = os.path.join(cfg.out, "log.jsonl")
+        if state and os.path.exists(log):          # drop epochs logged after the checkpoint
+            keep = [l for l in open(log) if l.strip() and json.loads(l)["epoch"] <= state["epoch"]]
+            with open(log + ".tmp", "w") as fh:
+                fh.writelines(keep)
+            os.replace(log + ".tmp", log)
         with open(os.path.join(cfg.out, "config.json"), "w") as fh:
             json.dump(dataclasses.asdict(cfg), fh, indent=1)
-    print(f"{rec.name}: {len(rec.rates)} bins x {splits[0].x.shape[1]} neurons, splits "
-          f"{[len(s) for s in splits]}, {cfg.method} on {device}", flush=True)
+    return state
+
+
+def run(cfg):
+    t_start = time.time()
+    rank, world, device = setup_distributed(cfg)
+    rec, splits = load_neural(cfg, device)
+    check_config(cfg, splits[0], world)
+    state = prepare_out(cfg, rank)
+    if rank == 0:
+        print(f"{rec.name}: {len(rec.rates)} bins x {splits[0].x.shape[1]} neurons, splits "
+              f"{[len(s) for s in splits]}, {cfg.method} on {world} x {device}", flush=True)
     t0 = time.time()
-    model, last = train(cfg, splits, device, make_logger(cfg))
+    model, last = train(cfg, splits, device, make_logger(cfg), rank, world, state)
     train_seconds = time.time() - t0
+    if rank != 0:
+        return None
     t0 = time.time()
     feats = representations(model.net.f, splits)
     labels = [s.labels for s in splits]
     metrics = linear_eval(feats, labels, rec.task, cfg) if rec.labels is not None else {}
     result = {"dataset": cfg.dataset, "method": cfg.method, "seed": cfg.seed, "epochs": cfg.epochs,
-              **metrics, "mining_class_acc": last["mining_class_acc"],
+              **metrics, "mining_class_acc": last["mining_class_acc"], "world_size": world,
               "train_seconds": round(train_seconds, 2), "eval_seconds": round(time.time() - t0, 2),
               "total_seconds": round(time.time() - t_start, 2)}
     if cfg.out:
@@ -518,8 +696,11 @@ def run(cfg):
 def main(argv=None):
     try:
         run(parse_config(argv))
-    except (ConfigError, neural_data.DataError) as e:
-        sys.exit(f"error: {e}")
+    except (ConfigError, neural_data.DataError, FloatingPointError, KeyboardInterrupt) as e:
+        sys.exit(f"error: {e}" if not isinstance(e, KeyboardInterrupt) else f"stopped: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

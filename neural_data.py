@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import urllib.request
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -127,7 +128,8 @@ def fetch(name, data_dir, download=True):
         os.makedirs(data_dir, exist_ok=True)
         tmp = path + ".part"
         try:
-            urllib.request.urlretrieve(url + name, tmp)
+            with urllib.request.urlopen(url + name, timeout=60) as r, open(tmp, "wb") as fh:
+                shutil.copyfileobj(r, fh)
         except OSError as e:
             raise DataError(f"could not download {url + name} ({e}); without internet, download it "
                             f"elsewhere and place it in {data_dir}") from None

@@ -278,10 +278,156 @@ def test_cli_trains_and_prints_json(method, tmp_path):
     assert len(log) == 40 and json.load(open(tmp_path / "results.json")) == res
 
 
-def test_cli_bad_input_is_one_clear_line():
-    p = run_cli("--dataset", "cifar11")
-    assert p.returncode != 0 and "unknown --dataset 'cifar11'" in p.stderr and "Traceback" not in p.stderr
-    p = run_cli("--batch-size", "100000", "--epochs", "1")
-    assert p.returncode != 0 and "larger than" in p.stderr and "Traceback" not in p.stderr
-    p = run_cli("--noise-p", "1.5", "--epochs", "1")
-    assert p.returncode != 0 and "[0, 1]" in p.stderr
+# --- several processes (torchrun, gloo on CPU) ------------------------------------------------
+DDP_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {here!r})
+import myow
+cfg = myow.parse_config(["--epochs", "1", "--warmup-epochs", "1", "--dropout-max", "0", "--noise-p", "0",
+                         "--pepper-p", "0", "--jitter-s", "0", "--k", "1", "--batch-size", "1024",
+                         "--pool-size", "1024"])
+rank, world, device = myow.setup_distributed(cfg)
+rec, splits = myow.load_neural(cfg, device)
+model, _ = myow.train(cfg, splits, device, lambda *a, **k: None, rank, world)
+grad = torch.cat([p.grad.flatten() for p in model.parameters()])      # the one step's gradient
+pool = myow.all_gather(torch.arange(3) + 10 * rank)
+torch.save(dict(params=model.state_dict(), grad=grad, pool=pool), os.path.join({out!r}, f"w{{world}}r{{rank}}.pt"))
+"""
+
+
+def torchrun(n, *args):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={n}", *args], capture_output=True, text=True,
+                          timeout=240, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_two_processes_match_one(tmp_path):
+    """Same global batch and seed, augmentations off and k = 1 so that only the process count
+    differs: both ranks end with identical parameters, the pool gathers world x per-rank
+    candidates in rank order, and the all-reduced gradient of the step matches one process's up
+    to BatchNorm, which on CPU normalises each rank's half batch (SyncBatchNorm needs CUDA): we
+    measured 9 % relative difference, against 140 % for another seed."""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(here=HERE, out=str(tmp_path)))
+    p = torchrun(2, str(script))
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r0, r1, one = (torch.load(tmp_path / f, weights_only=True) for f in ("w2r0.pt", "w2r1.pt", "w1r0.pt"))
+    for k, v in r0["params"].items():
+        if "running" not in k and "num_batches" not in k:            # BN statistics stay per rank
+            assert torch.equal(v, r1["params"][k]), k
+    assert r0["pool"].tolist() == [0, 1, 2, 10, 11, 12] and len(one["pool"]) == 3
+    rel = (r0["grad"] - one["grad"]).norm() / one["grad"].norm()
+    assert rel < 0.25, rel
+
+
+def test_torchrun_cli_prints_one_json_line(tmp_path):
+    p = torchrun(2, "myow.py", "--epochs", "4", "--warmup-epochs", "1", "--out", str(tmp_path / "run"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+    assert len(lines) == 1 and json.loads(lines[0])["world_size"] == 2
+    assert len(open(tmp_path / "run" / "log.jsonl").readlines()) == 4     # rank 0 alone writes
+
+
+# --- checkpoints and resume -------------------------------------------------------------------
+METRICS = ("test_acc", "test_delta_acc", "val_acc", "mining_class_acc")
+FAST = ("--epochs", "30", "--warmup-epochs", "3", "--ckpt-every", "5", "--log-every", "1")
+
+
+def test_killed_and_resumed_run_ends_like_uninterrupted(tmp_path):
+    full = run_cli(*FAST, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "myow.py", *FAST, "--out", str(out)], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:                                 # kill right after epoch 12
+        if line.startswith("epoch   12/"):
+            proc.kill()
+            break
+    proc.wait()
+    assert proc.returncode == -9 and not (out / "results.json").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 10
+    resumed = run_cli(*FAST, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = (json.loads(p.stdout.strip().splitlines()[-1]) for p in (full, resumed))
+    assert {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}
+    assert [json.loads(l)["epoch"] for l in open(out / "log.jsonl")] == list(range(1, 31))
+
+
+def test_ctrl_c_writes_a_checkpoint(tmp_path):
+    proc = subprocess.Popen([sys.executable, "myow.py", *FAST, "--out", str(tmp_path)], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch    7/"):
+            proc.send_signal(2)                              # SIGINT, as Ctrl-C
+            break
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode != 0 and "--resume" in err and "Traceback" not in err
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"]
+    assert 7 <= saved < 30
+
+
+def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    myow.save_checkpoint(path, {"epoch": 1})
+
+    def dies_half_way(obj, fh):
+        fh.write(b"partial")
+        raise OSError("killed")
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError):
+        myow.save_checkpoint(path, {"epoch": 2})
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    schedule = myow.lambda_at
+    monkeypatch.setattr(myow, "lambda_at", lambda step, *a: float("nan") if step >= 9 else schedule(step, *a))
+    with pytest.raises(SystemExit, match="non-finite loss at step 9 .*mined-view loss"):
+        myow.main(["--epochs", "10", "--ckpt-every", "1", "--out", str(tmp_path)])
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 4   # 2 steps/epoch
+
+
+def test_existing_out_is_never_overwritten_silently(tmp_path):
+    assert run_cli("--epochs", "2", "--out", str(tmp_path)).returncode == 0
+    before = open(tmp_path / "results.json").read()
+    p = run_cli("--epochs", "3", "--out", str(tmp_path))
+    assert p.returncode != 0 and "--resume" in p.stderr and "--overwrite" in p.stderr
+    assert open(tmp_path / "results.json").read() == before
+    p = run_cli("--epochs", "3", "--out", str(tmp_path), "--overwrite")
+    assert p.returncode == 0 and json.load(open(tmp_path / "results.json"))["epochs"] == 3
+
+
+def test_bad_checkpoints_are_refused_clearly(tmp_path):
+    assert run_cli("--epochs", "2", "--out", str(tmp_path)).returncode == 0
+    p = run_cli("--epochs", "2", "--out", str(tmp_path), "--resume", "--lr", "0.5")
+    assert p.returncode != 0 and "--lr 0.02" in p.stderr and "Traceback" not in p.stderr
+    ck = tmp_path / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[: ck.stat().st_size // 2])          # truncated
+    p = run_cli("--epochs", "2", "--out", str(tmp_path), "--resume")
+    assert p.returncode != 0 and "unreadable" in p.stderr and "Traceback" not in p.stderr
+
+
+def one_line_error(p, *words):
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    for w in words:
+        assert w in p.stderr, p.stderr
+
+
+def test_bad_inputs_each_get_one_clear_line(tmp_path):
+    one_line_error(run_cli("--dataset", "cifar11"), "unknown --dataset 'cifar11'")
+    one_line_error(run_cli("--dataset", "mouse", "--data-dir", str(tmp_path)), "fr_bins_n_4full.npy", str(tmp_path))
+    (tmp_path / "fr_bins_n_4full.npy").write_bytes(b"not the published file")
+    one_line_error(run_cli("--dataset", "mouse", "--data-dir", str(tmp_path)), "SHA-256", "delete it")
+    one_line_error(run_cli("--k", "5000", "--epochs", "1"), "--k 5000", "eligible pool")
+    one_line_error(run_cli("--batch-size", "100000", "--epochs", "1"), "larger than", "--batch-size 1177")
+    one_line_error(run_cli("--noise-p", "1.5", "--epochs", "1"), "--noise-p is 1.5", "[0, 1]")
+    rates = np.random.default_rng(0).poisson(5, (400, 10)).astype(np.float32)
+    rates[17, 3] = np.nan
+    np.savez(tmp_path / "nan.npz", firing_rates=rates, time=np.arange(400.0))
+    one_line_error(run_cli("--dataset", "npz", "--data-file", str(tmp_path / "nan.npz")), "bin 17, neuron 3", "nan")
+    np.savez(tmp_path / "lab.npz", firing_rates=np.nan_to_num(rates), time=np.arange(400.0),
+             labels=np.r_[np.zeros(399), -1])
+    one_line_error(run_cli("--dataset", "npz", "--data-file", str(tmp_path / "lab.npz")), "label -1")
