@@ -47,7 +47,8 @@ class Config:
     dataset: str = arg("synthetic", "synthetic | chewie1 | chewie2 | mihi1 | mouse | npz")
     data_dir: str = arg("data", "folder holding the published files (downloaded there if missing)")
     data_file: str = arg("", "with --dataset npz: your recording (see README)")
-    method: str = arg("myow", "myow | byol (the same code with lambda = 0 and no mining)")
+    method: str = arg("myow", "myow | byol (the same code with lambda = 0 and no mining) | "
+                              "supervised (the encoder trained on the labels, sec. 3.3)")
     seed: int = arg(0, "random seed of initialisation, batches, augmentations and mining")
     out: str = arg("", "folder for config.json, log.jsonl, checkpoint.pt, results.json; empty: none")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
@@ -67,6 +68,8 @@ class Config:
     mining_ramp_epochs: int = arg(10, "lambda ramps linearly from 0 over this many epochs (App. D: 10)")
     pool: str = arg("fresh", "fresh: L candidates from an independent sampler (App. B); batch: "
                              "the 2B target views of the batch itself, L = 2B, no extra forward")
+    anchor_view: str = arg("new", "new: a third view x_m = t_m(s) is the mining anchor (Alg. 1); "
+                                  "shared: x serves as x_m (valid when T_m = T), one view less")
     mine_in: str = arg("target", "candidates' representations from the target or online network (App. F)")
     min_gap_s: float = arg(math.inf, "mine only other trials, or the same trial >= this many s away "
                                      "(App. D.2: 1800 s for sleep; inf: other trials only, App. D.1)")
@@ -88,9 +91,13 @@ class Config:
     eval_lr: float = arg(0.01, "AdamW lr of the linear readout (App. D: 0.01)")
     eval_batch_size: int = arg(512, "batch of the linear readout (not given in the paper)")
     eval_wd_exponents: str = arg("-10:10", "readout weight decays 2^a..2^b, chosen on validation (App. D)")
+    # -- supervised baseline (sec. 3.3: "weight regularization and dropout"; values not given) --
+    sup_dropout: float = arg(0.2, "dropout after each encoder block of the supervised baseline")
+    sup_weight_decay: float = arg(1e-3, "AdamW weight decay of the supervised baseline")
     # -- run --
     device: str = arg("auto", "auto (cuda if available), cpu or cuda")
     log_every: int = arg(0, "print progress every this many epochs (0: about 20 lines a run)")
+    save_embeddings: bool = arg(False, "write --out/embeddings.tsv + metadata.tsv (TensorBoard projector)")
 
 
 # Per-dataset defaults in one table; a flag given on the command line always wins.
@@ -136,6 +143,7 @@ class NeuralSplit:
         self.trial = torch.as_tensor(rec.trial[idx], device=device)             # (N,)
         self.time = torch.as_tensor(rec.time[idx], dtype=torch.float32, device=device)  # (N,) s
         self.labels = None if rec.labels is None else torch.as_tensor(rec.labels[idx], device=device)
+        self.task = rec.task
         lo, hi = neural_data.jitter_bounds(rec.trial[idx], rec.time[idx], cfg.jitter_s)
         self.jitter_lo = torch.as_tensor(lo, device=device)
         self.jitter_n = torch.as_tensor(hi - lo + 1, device=device)          # samples in window
@@ -180,7 +188,7 @@ def load_neural(cfg, device):
     keep = std > 0          # neurons silent throughout training carry nothing (data README)
     mean = torch.as_tensor(train.mean(0)[keep])
     std = torch.as_tensor(std[keep])
-    return rec, [NeuralSplit(rec, i, keep, mean, std, cfg, device) for i in splits]
+    return rec, [NeuralSplit(rec, i, keep, mean, std, cfg, device) for i in splits], splits
 
 
 # =============================================================================================
@@ -193,11 +201,13 @@ def mlp(i, h, o):
     return nn.Sequential(nn.Linear(i, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Linear(h, o))
 
 
-def neural_encoder(n_in, hidden, rep_dim, blocks=4):
-    """Appendix D.1: 4 blocks of Linear(hidden)+BN+ReLU, then a linear layer to the representation."""
+def neural_encoder(n_in, hidden, rep_dim, blocks=4, dropout=0.0):
+    """Appendix D.1: 4 blocks of Linear(hidden)+BN+ReLU, then a linear layer to the representation.
+    dropout > 0 only for the supervised baseline (sec. 3.3)."""
     layers, width = [], n_in
     for _ in range(blocks):
         layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        layers += [nn.Dropout(dropout)] if dropout else []
         width = hidden
     return nn.Sequential(*layers, nn.Linear(width, rep_dim))
 
@@ -219,14 +229,15 @@ class MYOW(nn.Module):
         super().__init__()
         self.net, self.q, self.r = net, q, r
 
-    def forward(self, x, n_mined):
-        y = self.net.f(x)                                     # (2B + Bm, D) representations
-        z = self.net.g(y)                                     # (2B + Bm, Dz) projections
-        n_aug = len(x) - n_mined
+    def forward(self, x, n_aug, anchors=None):
+        """x: online views [x, x', (x_m)]; the first n_aug rows are augmented views and the rows
+        `anchors` (a slice) are the mining anchors; anchors=None: BYOL, no mining branch."""
+        y = self.net.f(x)                                     # (2B [+ B], D) representations
+        z = self.net.g(y)                                     # (2B [+ B], Dz) projections
         p = self.q(z[:n_aug])                                 # (2B, Dz) q(z), q(u')
-        if n_mined == 0:
+        if anchors is None:
             return y, p, None
-        v = self.net.h(z[n_aug:])                             # (Bm, Dv) v = h(g(y_m))
+        v = self.net.h(z[anchors])                            # (B, Dv) v = h(g(y_m))
         return y, p, self.r(v)                                # r(v)
 
 
@@ -314,6 +325,23 @@ def weighted_f1(pred, labels, n_classes):
     return f1
 
 
+def class_weights(labels, n_classes):
+    """Class-balanced training of the state readout: weight n / (C n_c) for class c."""
+    counts = torch.bincount(labels, minlength=n_classes).float()
+    return counts.sum() / (n_classes * counts.clamp(min=1))
+
+
+def decoding_loss(out, labels, task, class_w=None):
+    """Reach: MSE to (cos, sin) of the direction (App. D.1); states: class-weighted mean
+    cross-entropy. out (..., n, O) -> one loss per readout (...)."""
+    if task == "reach":
+        angle = labels * (math.pi / 4)
+        return ((out - torch.stack([torch.cos(angle), torch.sin(angle)], -1)) ** 2).mean((-2, -1))
+    ce = F.cross_entropy(out.flatten(0, -2), labels.expand(out.shape[:-1]).flatten(), class_w,
+                         reduction="none")
+    return ce.view(out.shape[:-1]).sum(-1) / class_w[labels].sum()
+
+
 def scores(out, labels, task, n_classes):
     """Metrics in % for each of the S readouts: out (S, n, O)."""
     if task == "reach":
@@ -331,7 +359,7 @@ def linear_eval(feats, labels, task, cfg):
     a, b = (int(v) for v in cfg.eval_wd_exponents.split(":"))
     wd = 2.0 ** torch.arange(a, b + 1, dtype=torch.float32, device=feats[0].device)    # (S,)
     S, D = len(wd), feats[0].shape[1]
-    n_classes = int(max(l.max() for l in labels)) + 1
+    n_classes = 8 if task == "reach" else int(max(l.max() for l in labels)) + 1
     O = 2 if task == "reach" else n_classes
     g = torch.Generator(device=feats[0].device).manual_seed(cfg.seed)
     bound = 1 / math.sqrt(D)                                       # nn.Linear's initialisation
@@ -340,20 +368,11 @@ def linear_eval(feats, labels, task, cfg):
     W.requires_grad_(), bias.requires_grad_()
     opt = torch.optim.Adam([W, bias], lr=cfg.eval_lr)
     X, Y = feats[0], labels[0]
-    if task == "reach":
-        target = torch.stack([torch.cos(Y * math.pi / 4), torch.sin(Y * math.pi / 4)], 1)   # (n, 2)
-    else:
-        counts = torch.bincount(Y, minlength=O).float()
-        class_w = counts.sum() / (O * counts.clamp(min=1))        # class-balanced training
+    class_w = class_weights(Y, n_classes)
     for _ in range(cfg.eval_epochs):
         for i in torch.randperm(len(X), generator=g, device=X.device).split(cfg.eval_batch_size):
             out = X[i] @ W + bias                                  # (S, b, O)
-            if task == "reach":
-                loss = ((out - target[i]) ** 2).mean((1, 2)).sum()
-            else:
-                # sum over the S readouts of each one's class-weighted mean cross-entropy
-                loss = F.cross_entropy(out.flatten(0, 1), Y[i].repeat(S), class_w,
-                                       reduction="sum") / class_w[Y[i]].sum()
+            loss = decoding_loss(out, Y[i], task, class_w).sum()   # readouts are independent
             opt.zero_grad(set_to_none=True)
             loss.backward()
             with torch.no_grad():                                  # AdamW: decoupled decay first
@@ -454,8 +473,12 @@ def load_checkpoint(path, cfg):
 
 
 def check_config(cfg, data, world):
-    if cfg.method not in ("myow", "byol"):
-        raise ConfigError(f"--method {cfg.method!r} is not known; choose myow or byol")
+    if cfg.method not in ("myow", "byol", "supervised"):
+        raise ConfigError(f"--method {cfg.method!r} is not known; choose myow, byol or supervised")
+    if cfg.method == "supervised" and (data.labels is None or world > 1 or cfg.resume):
+        raise ConfigError("--method supervised needs labels, one process and no --resume")
+    if cfg.save_embeddings and not cfg.out:
+        raise ConfigError("--save-embeddings writes into --out DIR; give one")
     if cfg.batch_size > len(data):
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} training "
                           f"samples of {cfg.dataset}; use --batch-size {len(data)} or less")
@@ -466,9 +489,10 @@ def check_config(cfg, data, world):
         if not 0 <= getattr(cfg, name) <= 1:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}; a probability "
                               f"must lie in [0, 1]")
-    if cfg.pool not in ("fresh", "batch") or cfg.mine_in not in ("target", "online"):
-        raise ConfigError(f"--pool {cfg.pool!r} / --mine-in {cfg.mine_in!r}: choose fresh or batch "
-                          f"/ target or online")
+    for name, choices in (("pool", ("fresh", "batch")), ("mine_in", ("target", "online")),
+                          ("anchor_view", ("new", "shared"))):
+        if getattr(cfg, name) not in choices:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose {' or '.join(choices)}")
     if cfg.method == "myow":
         L = cfg.pool_size if cfg.pool == "fresh" else 2 * cfg.batch_size
         # candidates each anchor may ever mine among the training samples, by the mask (App. B)
@@ -545,15 +569,18 @@ def train(cfg, splits, device, log, rank=0, world=1, state=None):
                 c = torch.cat([s, s])
             # Views: x = t(s), x' = t'(s), x_m = t_m(s), x_c = t_m(c); here T_m = T (App. D.1).
             fresh = c if cfg.pool == "fresh" else c[:0]
-            views = augment_neural(data, torch.cat([s, s, s[:b if mining else 0], fresh]), cfg)
-            x, x2, x_m, x_c = views[:b], views[b:2 * b], views[2 * b:3 * b], views[3 * b:]
+            third = mining and cfg.anchor_view == "new"         # else x doubles as x_m (T_m = T)
+            views = augment_neural(data, torch.cat([s, s, s[:b if third else 0], fresh]), cfg)
+            n_online = 3 * b if third else 2 * b
+            x, x2, x_m, x_c = views[:b], views[b:2 * b], views[2 * b:n_online], views[n_online:]
+            anchors = (slice(2 * b, 3 * b) if third else slice(0, b)) if mining else None
             with autocast:
                 with torch.no_grad():                                      # target network xi
                     y_t = target.f(torch.cat([x, x2, x_c]))                # (2b + l, D)
                     z_t = target.g(y_t)
                     u, z2 = z_t[:b], z_t[b:2 * b]                          # u = g(f(x)), z' = g(f(x'))
                     first = 2 * b if cfg.pool == "fresh" else 0           # where the pool starts
-                y, p, r_v = online(torch.cat([x, x2, x_m]) if mining else torch.cat([x, x2]), b if mining else 0)
+                y, p, r_v = online(torch.cat([x, x2, x_m]), 2 * b, anchors)
                 loss_aug = (d(p[:b], z2) + d(p[b:], u)).mean()             # d(q(z), z') + d(q(u'), u)
                 loss_mine = torch.zeros((), device=device)
                 if mining:
@@ -567,7 +594,7 @@ def train(cfg, splits, device, log, rank=0, world=1, state=None):
                         v_pool = all_gather(target.h(z_t[first:]))         # (L, Dv) h(g(y'_c))
                         allowed = neural_data.mining_mask(data.trial[s], data.time[s], data.trial[c_all],
                                                           data.time[c_all], cfg.min_gap_s)   # (b, L)
-                        j, has = mine(y[2 * b:], y_pool, allowed, cfg.k)
+                        j, has = mine(y[anchors], y_pool, allowed, cfg.k)
                     loss_mine = (d(r_v, v_pool[j]) * has).sum() / has.sum().clamp(min=1)
                     if data.labels is not None:
                         stats[3] += (data.labels[s] == data.labels[c_all[j]])[has].sum()
@@ -611,6 +638,57 @@ def train(cfg, splits, device, log, rank=0, world=1, state=None):
                                     + (f"; checkpoint written, continue with --resume --out {cfg.out}" if ckpt else ""))
     signal.signal(signal.SIGINT, previous_handler)
     return model, last
+
+
+def train_supervised(cfg, splits, device, log):
+    """The supervised baseline of Table 3: the same encoder with dropout after every block and
+    weight decay, trained end to end on the labels through a linear head, on unaugmented data
+    with the same optimiser and schedule. Returns the encoder f."""
+    data, task = splits[0], splits[0].task
+    torch.manual_seed(cfg.seed)
+    n_out = 2 if task == "reach" else int(data.labels.max()) + 1
+    f = neural_encoder(data.x.shape[1], cfg.hidden, cfg.rep_dim, dropout=cfg.sup_dropout).to(device)
+    head = nn.Linear(cfg.rep_dim, n_out).to(device)
+    params = list(f.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.sup_weight_decay)
+    X, Y = data.normalized(), data.labels
+    class_w = class_weights(Y, n_out) if task != "reach" else None
+    N, B = len(X), cfg.batch_size
+    steps_per_epoch, t0 = N // B, time.time()
+    total = cfg.epochs * steps_per_epoch
+    for epoch in range(cfg.epochs):
+        loss_sum = torch.zeros((), device=device)
+        for it, s in enumerate(torch.randperm(N, device=device)[:steps_per_epoch * B].split(B)):
+            step = epoch * steps_per_epoch + it
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
+            loss = decoding_loss(head(f(X[s])), Y[s], task, class_w)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+        last = {"epoch": epoch + 1, "loss": loss_sum.item() / steps_per_epoch, "lr": opt.param_groups[0]["lr"]}
+        if (epoch + 1) % (cfg.log_every or max(1, cfg.epochs // 20)) == 0:
+            print(f"epoch {epoch + 1:4d}/{cfg.epochs} | supervised loss {last['loss']:.4f} | lr {last['lr']:.2e}"
+                  f" | {(epoch + 1) * steps_per_epoch * B / (time.time() - t0):,.0f} samples/s", flush=True)
+    return f
+
+
+def save_embeddings(out, f, splits, rec, split_idx):
+    """The representation of every bin with its labels, in the two tab-separated files the
+    TensorBoard embedding projector (projector.tensorflow.org) loads."""
+    feats = torch.cat(representations(f, splits)).cpu().numpy()          # (T, D) in split order
+    order = np.concatenate(split_idx)                                    # recording index of each row
+    names = ["train", "val", "test"]
+    with open(os.path.join(out, "embeddings.tsv"), "w") as fh:
+        fh.writelines("\t".join(f"{v:.5g}" for v in row) + "\n" for row in feats)
+    label = {"reach": "direction", "state": "state"}.get(rec.task, "label")
+    with open(os.path.join(out, "metadata.tsv"), "w") as fh:
+        fh.write(f"split\ttrial\ttime_s\t{label}\n")
+        for k, i in enumerate(order):
+            split = names[int(np.searchsorted(np.cumsum([len(s) for s in split_idx]), k, side="right"))]
+            lab = "" if rec.labels is None else int(rec.labels[i])
+            fh.write(f"{split}\t{int(rec.trial[i])}\t{rec.time[i]:.2f}\t{lab}\n")
 
 
 # =============================================================================================
@@ -667,19 +745,23 @@ def prepare_out(cfg, rank):
 def run(cfg):
     t_start = time.time()
     rank, world, device = setup_distributed(cfg)
-    rec, splits = load_neural(cfg, device)
+    rec, splits, split_idx = load_neural(cfg, device)
     check_config(cfg, splits[0], world)
     state = prepare_out(cfg, rank)
     if rank == 0:
         print(f"{rec.name}: {len(rec.rates)} bins x {splits[0].x.shape[1]} neurons, splits "
               f"{[len(s) for s in splits]}, {cfg.method} on {world} x {device}", flush=True)
     t0 = time.time()
-    model, last = train(cfg, splits, device, make_logger(cfg), rank, world, state)
+    if cfg.method == "supervised":
+        f, last = train_supervised(cfg, splits, device, make_logger(cfg)), {"mining_class_acc": None}
+    else:
+        model, last = train(cfg, splits, device, make_logger(cfg), rank, world, state)
+        f = model.net.f
     train_seconds = time.time() - t0
     if rank != 0:
         return None
     t0 = time.time()
-    feats = representations(model.net.f, splits)
+    feats = representations(f, splits)
     labels = [s.labels for s in splits]
     metrics = linear_eval(feats, labels, rec.task, cfg) if rec.labels is not None else {}
     result = {"dataset": cfg.dataset, "method": cfg.method, "seed": cfg.seed, "epochs": cfg.epochs,
@@ -689,6 +771,8 @@ def run(cfg):
     if cfg.out:
         with open(os.path.join(cfg.out, "results.json"), "w") as fh:
             json.dump(result, fh, indent=1)
+        if cfg.save_embeddings:
+            save_embeddings(cfg.out, f, splits, rec, split_idx)
     print(json.dumps(result), flush=True)
     return result
 

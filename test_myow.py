@@ -38,7 +38,7 @@ def test_target_side_gets_no_gradient():
     model, target = myow.build_networks(cfg, 6)
     assert not any(t.requires_grad for t in target.parameters())
     x = torch.randn(10, 6)
-    y, p, r_v = model(x, n_mined=4)
+    y, p, r_v = model(x, 6, slice(6, 10))
     assert p.shape == (6, 4) and r_v.shape == (4, 4) and y.shape == (10, 4)
 
 
@@ -287,7 +287,7 @@ cfg = myow.parse_config(["--epochs", "1", "--warmup-epochs", "1", "--dropout-max
                          "--pepper-p", "0", "--jitter-s", "0", "--k", "1", "--batch-size", "1024",
                          "--pool-size", "1024"])
 rank, world, device = myow.setup_distributed(cfg)
-rec, splits = myow.load_neural(cfg, device)
+rec, splits, _ = myow.load_neural(cfg, device)
 model, _ = myow.train(cfg, splits, device, lambda *a, **k: None, rank, world)
 grad = torch.cat([p.grad.flatten() for p in model.parameters()])      # the one step's gradient
 pool = myow.all_gather(torch.arange(3) + 10 * rank)
@@ -431,3 +431,21 @@ def test_bad_inputs_each_get_one_clear_line(tmp_path):
     np.savez(tmp_path / "lab.npz", firing_rates=np.nan_to_num(rates), time=np.arange(400.0),
              labels=np.r_[np.zeros(399), -1])
     one_line_error(run_cli("--dataset", "npz", "--data-file", str(tmp_path / "lab.npz")), "label -1")
+
+
+# --- supervised baseline and embeddings -------------------------------------------------------
+def test_supervised_baseline_and_embeddings(tmp_path):
+    p = run_cli("--method", "supervised", "--epochs", "40", "--warmup-epochs", "4", "--out", str(tmp_path),
+                "--save-embeddings")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["method"] == "supervised" and res["test_acc"] > 50
+    emb = np.loadtxt(tmp_path / "embeddings.tsv", delimiter="\t")
+    meta = open(tmp_path / "metadata.tsv").read().splitlines()
+    rec = nd.synthetic_reach()
+    assert emb.shape == (len(rec.rates), 32) and len(meta) == len(rec.rates) + 1
+    assert meta[0].split("\t") == ["split", "trial", "time_s", "direction"]
+    rows = [m.split("\t") for m in meta[1:]]
+    assert [int(r[1]) for r in rows] == rec.trial.tolist()          # recording order kept
+    assert [int(r[3]) for r in rows] == rec.labels.tolist()
+    assert [r[0] for r in rows[:3]] == ["train"] * 3 and rows[-1][0] == "test"
