@@ -9,6 +9,9 @@ network's representation space, predicted through a second, cascaded projector/p
     python myow.py --dataset chewie1 --data-dir ../shared/data   # monkey reach (Table 3)
     python myow.py --dataset mouse --data-dir ../shared/data     # mouse CA1 arousal state (Fig. 4)
     python myow.py --dataset chewie1 --method byol               # the same code without mining
+    python myow.py --dataset shapes                              # procedural images, CPU, minutes
+    python myow.py --dataset cifar10 --epochs 800                # Table 1 (one GPU; --download)
+    torchrun --nproc_per_node 4 myow.py --dataset cifar10        # several GPUs; B and L are global
 
 The last line on stdout is one JSON object with the metrics (in %) and the seconds spent.
 Measured results and the map from Algorithm 1 to the functions below are in README.md.
@@ -44,8 +47,10 @@ def arg(default, help):
 
 @dataclass
 class Config:
-    dataset: str = arg("synthetic", "synthetic | chewie1 | chewie2 | mihi1 | mouse | npz")
+    dataset: str = arg("synthetic", "neural: synthetic | chewie1 | chewie2 | mihi1 | mouse | npz; images: "
+                                    "shapes | cifar10 | cifar100 | mnist | tiny-imagenet | random32")
     data_dir: str = arg("data", "folder holding the published files (downloaded there if missing)")
+    download: bool = arg(False, "images: let torchvision download the data set into --data-dir")
     data_file: str = arg("", "with --dataset npz: your recording (see README)")
     method: str = arg("myow", "myow | byol (the same code with lambda = 0 and no mining) | "
                               "supervised (the encoder trained on the labels, sec. 3.3)")
@@ -57,8 +62,10 @@ class Config:
     # -- optimisation (Appendix D.1 "Training") --
     epochs: int = arg(1000, "training epochs (App. D: 1000)")
     batch_size: int = arg(512, "B, anchors per step (App. D: 512)")
-    lr: float = arg(0.02, "eta, AdamW learning rate (App. D: 0.02 monkeys, 0.001 rodents)")
-    weight_decay: float = arg(2e-5, "AdamW weight decay (App. D: 2e-5)")
+    optimizer: str = arg("adamw", "adamw (App. D, neural) or sgd (App. C, images)")
+    lr: float = arg(0.02, "eta (App. D: AdamW 0.02 monkeys, 0.001 rodents; App. C: SGD 0.03)")
+    momentum: float = arg(0.9, "SGD momentum (App. C: 0.9)")
+    weight_decay: float = arg(2e-5, "weight decay (App. D: 2e-5; App. C: 5e-4)")
     warmup_epochs: int = arg(100, "linear lr warm-up, then cosine decay to 0 (App. D: 100)")
     tau: float = arg(0.98, "tau, EMA momentum at step 0, cosine-increased to 1 (App. D: 0.98)")
     # -- mining (section 2.2, Appendix B) --
@@ -73,10 +80,14 @@ class Config:
     mine_in: str = arg("target", "candidates' representations from the target or online network (App. F)")
     min_gap_s: float = arg(math.inf, "mine only other trials, or the same trial >= this many s away "
                                      "(App. D.2: 1800 s for sleep; inf: other trials only, App. D.1)")
-    # -- network (Appendix D.1 "Network Architecture") --
-    hidden: int = arg(64, "width of the 4 encoder blocks Linear+BN+ReLU (App. D: 64)")
-    rep_dim: int = arg(32, "representation size of y = f(x) (App. D.1: 32 monkeys; D.2: 64 rodents)")
-    pred_hidden: int = arg(128, "hidden width of the predictors q and r, MLP(rep, 128, rep) (App. D)")
+    # -- network (Appendix D.1 "Network Architecture", Appendix C "Architecture") --
+    arch: str = arg("mlp", "encoder f: mlp (App. D.1), resnet18 / resnet50 (App. C), convnet (small, CPU)")
+    hidden: int = arg(64, "mlp: width of the 4 encoder blocks Linear+BN+ReLU (App. D: 64)")
+    rep_dim: int = arg(32, "mlp: size of y = f(x) (App. D.1: 32 monkeys; D.2: 64 rodents)")
+    proj_hidden: int = arg(0, "hidden width of g and h, MLP(., 4096, 256) (App. C); 0: no projectors (App. D.1)")
+    proj_dim: int = arg(256, "output size of g and h (App. C: 256)")
+    pred_hidden: int = arg(128, "hidden width of q and r (App. D: MLP(32, 128, 32); App. C: 4096)")
+    layout: str = arg("cascaded", "v = h(g(y)) cascaded (sec. 2.1), h(y) parallel, g(y) single (App. G)")
     # -- augmentations for spiking data (Appendix D.1, J), drawn per sample --
     jitter_s: float = arg(0.2, "temporal jitter: a sample of the same trial within this many s "
                                "(App. D.1: 0.2 s reach; D.2: 12 s sleep)")
@@ -86,27 +97,48 @@ class Config:
     pepper_value: float = arg(1.5, "pepper: Hz added to a neuron (App. D.1: 1.5)")
     pepper_rate: float = arg(0.3, "pepper: probability per neuron (App. D.1: 0.3)")
     pepper_p: float = arg(0.5, "probability a sample gets pepper (App. D.1: 0.5)")
-    # -- linear evaluation (Appendix D.1 "Evaluation Procedure") --
-    eval_epochs: int = arg(100, "epochs of the linear readout (App. D: 100)")
-    eval_lr: float = arg(0.01, "AdamW lr of the linear readout (App. D: 0.01)")
+    # -- augmentations for images (Appendix C "Class of transformations"), drawn per sample --
+    image_size: int = arg(32, "views are resized (bicubic) to this size (App. C: 32)")
+    crop_area: str = arg("0.2:1.0", "T: random resized crop, area range (App. C: 0.2-1.0)")
+    mined_crop_area: str = arg("0.8:1.0", "T_m: crop only, area range (App. C: 0.8-1.0)")
+    color_jitter: str = arg("0.4,0.4,0.4,0.1", "brightness, contrast, saturation, hue (App. C)")
+    color_p: float = arg(0.8, "probability of color jitter (App. C: 0.8)")
+    gray_p: float = arg(0.1, "probability of grayscale (App. C: 0.1)")
+    flip_p: float = arg(0.5, "probability of a horizontal flip in T (App. C: 0.5; T_m has none)")
+    # -- linear evaluation (Appendix D.1 "Evaluation Procedure", Appendix C "Evaluation Protocol") --
+    eval_epochs: int = arg(100, "epochs of the linear readout (App. D: 100; App. C: 200)")
+    eval_lr: float = arg(0.01, "lr of the linear readout (App. D: AdamW 0.01; App. C: SGD 0.4)")
+    eval_milestones: str = arg("", "SGD readout: epochs where lr is divided by 10 (App. C: 140,190)")
     eval_batch_size: int = arg(512, "batch of the linear readout (not given in the paper)")
-    eval_wd_exponents: str = arg("-10:10", "readout weight decays 2^a..2^b, chosen on validation (App. D)")
+    eval_wd_exponents: str = arg("-10:10", "readout weight decays 2^a..2^b, chosen on validation (App. D); "
+                                           "empty: none (App. C)")
     # -- supervised baseline (sec. 3.3: "weight regularization and dropout"; values not given) --
     sup_dropout: float = arg(0.2, "dropout after each encoder block of the supervised baseline")
     sup_weight_decay: float = arg(1e-3, "AdamW weight decay of the supervised baseline")
     # -- run --
     device: str = arg("auto", "auto (cuda if available), cpu or cuda")
+    compile: bool = arg(False, "torch.compile the online and target networks")
     log_every: int = arg(0, "print progress every this many epochs (0: about 20 lines a run)")
     save_embeddings: bool = arg(False, "write --out/embeddings.tsv + metadata.tsv (TensorBoard projector)")
 
 
 # Per-dataset defaults in one table; a flag given on the command line always wins.
 MONKEY = {}                                                       # Appendix D.1 = Config defaults
+IMAGES = dict(optimizer="sgd", lr=0.03, weight_decay=5e-4, warmup_epochs=10, tau=0.996, epochs=800,
+              pool_size=512, k=1, mining_weight=0.1, arch="resnet18", proj_hidden=4096,
+              pred_hidden=4096, eval_epochs=200, eval_lr=0.4, eval_milestones="140,190",
+              eval_wd_exponents="")                               # Appendix C
+SMALL = dict(IMAGES, arch="convnet", epochs=15, batch_size=256, pool_size=256, proj_hidden=512,
+             proj_dim=64, pred_hidden=512, warmup_epochs=2, eval_epochs=30, eval_milestones="20,27")
 PRESETS = {
     "synthetic": dict(MONKEY, epochs=300),                        # quick offline default
     "chewie1": MONKEY, "chewie2": MONKEY, "mihi1": MONKEY, "npz": MONKEY,
     "mouse": dict(lr=0.001, rep_dim=64, jitter_s=12.0, min_gap_s=1800.0),   # Appendix D.2
+    "cifar10": IMAGES, "cifar100": IMAGES, "mnist": IMAGES, "random32": IMAGES,
+    "tiny-imagenet": dict(IMAGES, image_size=64),
+    "shapes": SMALL,                                              # CPU-sized, App. I-style shapes
 }
+NEURAL = {"synthetic", "chewie1", "chewie2", "mihi1", "mouse", "npz"}
 
 
 class ConfigError(Exception):
@@ -151,8 +183,14 @@ class NeuralSplit:
     def __len__(self):
         return len(self.x)
 
-    def normalized(self):
-        return (self.x - self.mean) / self.std
+    def inputs(self, idx):                                     # unaugmented, for evaluation
+        return (self.x[idx] - self.mean) / self.std
+
+    def views(self, idx, cfg, mined=False):                    # T_m = T for neural data (App. D.1)
+        return augment_neural(self, idx, cfg)
+
+    def allowed(self, s, c, cfg):                              # (B, L) mining mask (App. B)
+        return neural_data.mining_mask(self.trial[s], self.time[s], self.trial[c], self.time[c], cfg.min_gap_s)
 
 
 def augment_neural(data, idx, cfg):
@@ -192,6 +230,162 @@ def load_neural(cfg, device):
 
 
 # =============================================================================================
+# Data and augmentations for images (Appendix C), made on the device in batches
+# =============================================================================================
+CIFAR20 = [4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11, 6, 11, 5, 10, 7, 6, 13,
+           15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5, 5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4,
+           17, 4, 2, 0, 17, 4, 18, 17, 10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13,
+           15, 13, 16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13]  # fine -> coarse
+YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+class ImageSplit:
+    """A split as one uint8 tensor (N, C, H, W) on the device; no DataLoader, no per-image Python."""
+    task = "class"
+
+    def __init__(self, x, labels, mean, std, size, coarse=None):
+        self.x, self.labels, self.mean, self.std, self.size, self.coarse = x, labels, mean, std, size, coarse
+
+    def __len__(self):
+        return len(self.x)
+
+    def inputs(self, idx):                                     # unaugmented, for evaluation
+        x = self.x[idx].float() / 255
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=self.size, mode="bicubic", align_corners=False).clamp(0, 1)
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+    def views(self, idx, cfg, mined=False):
+        return augment_images(self, idx, cfg, mined)
+
+    def allowed(self, s, c, cfg):                              # images need no mask (App. B), but a
+        return s[:, None] != c[None, :]                        # sample is not its own mined view
+
+
+def crop_flip_params(n, area, flip_p, device):
+    """Per-sample random resized crop (torchvision's sampling: area fraction, log-uniform aspect
+    3/4..4/3, first of 10 tries that fits, else the whole image) and horizontal flip, as (n, 2, 3)
+    affine matrices in the [-1, 1] coordinates of F.affine_grid."""
+    a = torch.empty(n, 10, device=device).uniform_(*area)
+    ratio = torch.empty(n, 10, device=device).uniform_(math.log(3 / 4), math.log(4 / 3)).exp()
+    w, h = (a * ratio).sqrt(), (a / ratio).sqrt()                 # crop sides, fractions of the image
+    fits = (w <= 1) & (h <= 1)
+    first = fits.float().argmax(1, keepdim=True)
+    w = torch.where(fits.any(1), w.gather(1, first)[:, 0], 1.0)
+    h = torch.where(fits.any(1), h.gather(1, first)[:, 0], 1.0)
+    cx, cy = (torch.rand(2, n, device=device) * 2 - 1) * (1 - torch.stack([w, h]))   # crop centres
+    sx = w * torch.where(torch.rand(n, device=device) < flip_p, -1.0, 1.0)
+    zero = torch.zeros_like(w)
+    return torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
+
+
+def gray(x):
+    """Luminance (n, 1, H, W) of RGB images; single-channel images are their own."""
+    return x if x.shape[1] == 1 else (x * YIQ[0].to(x)[:, None, None]).sum(1, keepdim=True)
+
+
+def color_jitter(x, strengths, p):
+    """torchvision's ColorJitter factors in a fixed order, each drawn per sample, applied to a
+    sample with probability p. Hue rotates the chroma (I, Q) plane of YIQ by up to 2 pi * hue."""
+    n, dev = len(x), x.device
+    b, c, s, h = strengths
+
+    def factor(strength):                                          # (n, 1, 1, 1) in [1 - s, 1 + s]
+        return 1 + (torch.rand(n, 1, 1, 1, device=dev) * 2 - 1) * strength
+    y = (x * factor(b)).clamp(0, 1)
+    m = gray(y).mean((1, 2, 3), keepdim=True)
+    y = ((y - m) * factor(c) + m).clamp(0, 1)
+    if x.shape[1] == 3:
+        g = gray(y)
+        y = ((y - g) * factor(s) + g).clamp(0, 1)
+        t = (torch.rand(n, device=dev) * 2 - 1) * (2 * math.pi * h)
+        rot = torch.zeros(n, 3, 3, device=dev)
+        rot[:, 0, 0], rot[:, 1, 1], rot[:, 2, 2], rot[:, 1, 2], rot[:, 2, 1] = 1, t.cos(), t.cos(), -t.sin(), t.sin()
+        yiq = YIQ.to(dev)
+        y = torch.einsum("nij,njhw->nihw", torch.linalg.inv(yiq) @ rot @ yiq, y).clamp(0, 1)
+    return torch.where(torch.rand(n, 1, 1, 1, device=dev) < p, y, x)
+
+
+def augment_images(data, idx, cfg, mined):
+    """T (App. C): crop (area 0.2-1) + flip as one bicubic affine warp, color jitter, grayscale.
+    T_m: the crop alone, area 0.8-1 (App. C, H). Every parameter is drawn per sample."""
+    n = len(idx)
+    x = data.x[idx].float().div_(255)                                        # (n, C, H, W)
+    lo, hi = (float(v) for v in (cfg.mined_crop_area if mined else cfg.crop_area).split(":"))
+    theta = crop_flip_params(n, (lo, hi), 0.0 if mined else cfg.flip_p, x.device)
+    grid = F.affine_grid(theta, [n, x.shape[1], data.size, data.size], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bicubic", padding_mode="reflection", align_corners=False).clamp_(0, 1)
+    if not mined:
+        x = color_jitter(x, [float(v) for v in cfg.color_jitter.split(",")], cfg.color_p)
+        x = torch.where(torch.rand(n, 1, 1, 1, device=x.device) < cfg.gray_p, gray(x).expand_as(x), x)
+    return ((x - data.mean) / data.std).contiguous(memory_format=torch.channels_last)
+
+
+def shapes(seed=0, size=32):
+    """Procedural dSprites-style images (App. I): 3 shapes (square, ellipse, triangle) x 6 scales
+    x 10 orientations x 8 x 8 positions, white on black; the label is the shape. A random 80/20
+    split of the 11,520 combinations, deterministic by seed."""
+    shape, scale, angle, px, py = (t.flatten() for t in torch.meshgrid(
+        torch.arange(3.0), torch.linspace(0.3, 0.55, 6), torch.arange(10.0) * (math.pi / 10),
+        torch.linspace(-0.45, 0.45, 8), torch.linspace(-0.45, 0.45, 8), indexing="ij"))
+    grid = torch.linspace(-1, 1, size)
+    X, Y = grid[None, None, :] - px[:, None, None], grid[None, :, None] - py[:, None, None]
+    cos, sin = angle.cos()[:, None, None], angle.sin()[:, None, None]
+    u, v = (cos * X + sin * Y) / scale[:, None, None], (cos * Y - sin * X) / scale[:, None, None]
+    inside = torch.stack([torch.maximum(u.abs(), v.abs()) <= 1, u ** 2 + (v / 0.5) ** 2 <= 1,
+                          (v >= -0.5) & (u.abs() * 3 ** 0.5 <= 1 - v)])[shape.long(), torch.arange(len(shape))]
+    x = (inside * 255).to(torch.uint8)[:, None]                              # (M, 1, size, size)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_train = int(0.8 * len(x))
+    return (x[order[:n_train]], shape[order[:n_train]]), (x[order[n_train:]], shape[order[n_train:]])
+
+
+def load_images(cfg, device):
+    """[train, test] ImageSplits: the public train/test split (App. C), uint8 on the device."""
+    import torchvision
+    name, root = cfg.dataset, cfg.data_dir
+    if name == "shapes":
+        parts = shapes()
+    elif name == "random32":                                  # CIFAR-shaped noise: speed only
+        g = torch.Generator().manual_seed(0)
+        parts = [(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                  torch.randint(0, 10, (n,), generator=g)) for n in (50000, 10000)]
+    elif name == "tiny-imagenet":
+        parts = load_tiny_imagenet(os.path.join(root, "tiny-imagenet-200"))
+    else:
+        cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
+               "mnist": torchvision.datasets.MNIST}[name]
+        try:
+            sets = [cls(root, train=t, download=cfg.download) for t in (True, False)]
+        except RuntimeError as e:
+            raise neural_data.DataError(f"{name} is not in {root} ({e}); add --download (needs internet) "
+                                        f"or place torchvision's standard layout there") from None
+        parts = []
+        for ds in sets:
+            x = torch.as_tensor(np.asarray(ds.data))
+            parts.append((x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2), torch.as_tensor(ds.targets)))
+    train = parts[0][0].float() / 255
+    mean, std = train.mean((0, 2, 3)), train.std((0, 2, 3))     # per channel, training images
+    coarse = torch.tensor(CIFAR20, device=device) if name == "cifar100" else None
+    return [ImageSplit(x.contiguous().to(device), y.long().to(device), mean.to(device)[:, None, None],
+                       std.to(device)[:, None, None], cfg.image_size, coarse) for x, y in parts]
+
+
+def load_tiny_imagenet(base):
+    """The standard tiny-imagenet-200 layout: train/<wnid>/images/*.JPEG, val/images + val_annotations.txt."""
+    import torchvision
+    if not os.path.isdir(os.path.join(base, "train")):
+        raise neural_data.DataError(f"{base}/train not found; unpack tiny-imagenet-200.zip into --data-dir")
+    wnids = sorted(os.listdir(os.path.join(base, "train")))
+    read = lambda p: torchvision.io.decode_image(p, mode=torchvision.io.ImageReadMode.RGB)
+    train = [(os.path.join(base, "train", w, "images", f), i) for i, w in enumerate(wnids)
+             for f in sorted(os.listdir(os.path.join(base, "train", w, "images")))]
+    with open(os.path.join(base, "val", "val_annotations.txt")) as fh:
+        val = [(os.path.join(base, "val", "images", l.split("\t")[0]), wnids.index(l.split("\t")[1])) for l in fh]
+    return [(torch.stack([read(p) for p, _ in files]), torch.tensor([c for _, c in files])) for files in (train, val)]
+
+
+# =============================================================================================
 # Networks: encoder f, projectors g and h, predictors q and r
 # =============================================================================================
 
@@ -212,13 +406,37 @@ def neural_encoder(n_in, hidden, rep_dim, blocks=4, dropout=0.0):
     return nn.Sequential(*layers, nn.Linear(width, rep_dim))
 
 
-class Network(nn.Module):
-    """The part with a target copy: encoder f, projector g, second projector h (cascaded after g).
-    For neural data the paper uses no projectors (App. D.1): g and h are identities."""
+def convnet(c_in, width=16):
+    """A small CNN for CPU runs: 4 blocks of 3x3 conv + BN + ReLU with 2x2 max-pools, global pool."""
+    layers, w = [], c_in
+    for i, o in enumerate((width, 2 * width, 4 * width, 8 * width)):
+        layers += [nn.Conv2d(w, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+        layers += [nn.MaxPool2d(2)] if i < 3 else [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        w = o
+    return nn.Sequential(*layers), w
 
-    def __init__(self, f, g, h):
+
+def cifar_resnet(name, c_in):
+    """torchvision's ResNet-18/50, CIFAR variant (App. C): 3x3 stride-1 first convolution and no
+    max-pool; y is the average-pool output (512-d ResNet-18, 2048-d ResNet-50)."""
+    import torchvision
+    net = getattr(torchvision.models, name)()
+    net.conv1 = nn.Conv2d(c_in, 64, 3, 1, 1, bias=False)
+    net.maxpool, dim, net.fc = nn.Identity(), net.fc.in_features, nn.Identity()
+    return net, dim
+
+
+class Network(nn.Module):
+    """The part with a target copy: encoder f, projector g, second projector h. For neural data
+    the paper uses no projectors (App. D.1): g and h are identities."""
+
+    def __init__(self, f, g, h, layout):
         super().__init__()
-        self.f, self.g, self.h = f, g, h
+        self.f, self.g, self.h, self.layout = f, g, h, layout
+
+    def mined_space(self, y, z):
+        """v = h(g(y)) cascaded (sec. 2.1), h(y) parallel, g(y) single (h = identity) (App. G)."""
+        return self.h(y if self.layout == "parallel" else z)
 
 
 class MYOW(nn.Module):
@@ -237,16 +455,22 @@ class MYOW(nn.Module):
         p = self.q(z[:n_aug])                                 # (2B, Dz) q(z), q(u')
         if anchors is None:
             return y, p, None
-        v = self.net.h(z[anchors])                            # (B, Dv) v = h(g(y_m))
+        v = self.net.mined_space(y[anchors], z[anchors])      # (B, Dv) v = h(g(y_m))
         return y, p, self.r(v)                                # r(v)
 
 
-def build_networks(cfg, n_in):
+def build_networks(cfg, data):
     """Online model (theta plus predictors) and the target network xi, an exact copy at start."""
-    f = neural_encoder(n_in, cfg.hidden, cfg.rep_dim)
-    net = Network(f, nn.Identity(), nn.Identity())
-    q = mlp(cfg.rep_dim, cfg.pred_hidden, cfg.rep_dim)
-    r = mlp(cfg.rep_dim, cfg.pred_hidden, cfg.rep_dim)
+    if cfg.arch == "mlp":
+        f, D = neural_encoder(data.x.shape[1], cfg.hidden, cfg.rep_dim), cfg.rep_dim
+    else:
+        f, D = convnet(data.x.shape[1]) if cfg.arch == "convnet" else cifar_resnet(cfg.arch, data.x.shape[1])
+    P = cfg.proj_dim if cfg.proj_hidden else D                              # size of z and v
+    g = mlp(D, cfg.proj_hidden, P) if cfg.proj_hidden else nn.Identity()
+    h = (mlp(D if cfg.layout == "parallel" else P, cfg.proj_hidden, P)
+         if cfg.proj_hidden and cfg.layout != "single" else nn.Identity())
+    net = Network(f, g, h, cfg.layout)
+    q, r = mlp(P, cfg.pred_hidden, P), mlp(P, cfg.pred_hidden, P)
     return MYOW(net, q, r), copy.deepcopy(net).requires_grad_(False)        # init xi <- theta
 
 
@@ -356,19 +580,26 @@ def linear_eval(feats, labels, task, cfg):
     """Train one linear readout per weight decay 2^a (a in the sweep) on frozen train features,
     pick the best on validation, report it on test. Reach: (cos, sin) of the direction with MSE;
     states: class-balanced cross-entropy. feats/labels: [train, val, test] tensors."""
-    a, b = (int(v) for v in cfg.eval_wd_exponents.split(":"))
-    wd = 2.0 ** torch.arange(a, b + 1, dtype=torch.float32, device=feats[0].device)    # (S,)
+    dev = feats[0].device
+    if cfg.eval_wd_exponents:
+        a, b = (int(v) for v in cfg.eval_wd_exponents.split(":"))
+        wd = 2.0 ** torch.arange(a, b + 1, dtype=torch.float32, device=dev)          # (S,)
+    else:
+        wd = torch.zeros(1, device=dev)                            # App. C: no decay, no sweep
     S, D = len(wd), feats[0].shape[1]
-    n_classes = 8 if task == "reach" else int(max(l.max() for l in labels)) + 1
+    n_classes = 8 if task == "reach" else int(max(l.max() for l in labels if l is not None)) + 1
     O = 2 if task == "reach" else n_classes
     g = torch.Generator(device=feats[0].device).manual_seed(cfg.seed)
     bound = 1 / math.sqrt(D)                                       # nn.Linear's initialisation
     W = ((torch.rand(D, O, generator=g, device=wd.device) * 2 - 1) * bound).repeat(S, 1, 1)
     bias = torch.zeros(S, 1, O, device=wd.device)
     W.requires_grad_(), bias.requires_grad_()
-    opt = torch.optim.Adam([W, bias], lr=cfg.eval_lr)
+    milestones = [int(v) for v in cfg.eval_milestones.split(",") if v]
+    opt = (torch.optim.SGD([W, bias], lr=cfg.eval_lr, momentum=0.9) if milestones   # App. C
+           else torch.optim.Adam([W, bias], lr=cfg.eval_lr))                          # App. D
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1)
     X, Y = feats[0], labels[0]
-    class_w = class_weights(Y, n_classes)
+    class_w = class_weights(Y, n_classes) if task == "state" else torch.ones(n_classes, device=dev)
     for _ in range(cfg.eval_epochs):
         for i in torch.randperm(len(X), generator=g, device=X.device).split(cfg.eval_batch_size):
             out = X[i] @ W + bias                                  # (S, b, O)
@@ -379,11 +610,12 @@ def linear_eval(feats, labels, task, cfg):
                 W.mul_(1 - cfg.eval_lr * wd[:, None, None])
                 bias.mul_(1 - cfg.eval_lr * wd[:, None, None])
             opt.step()
+        sched.step()
     with torch.no_grad():
-        val = scores(feats[1] @ W + bias, labels[1], task, n_classes)
+        val = scores(feats[1] @ W + bias, labels[1], task, n_classes) if feats[1] is not None else {}
         test = scores(feats[2] @ W + bias, labels[2], task, n_classes)
-    key = "acc" if task == "reach" else "f1"
-    best = int(torch.nan_to_num(val[key], nan=-1).argmax())
+    key = "f1" if task == "state" else "acc"
+    best = int(torch.nan_to_num(val[key], nan=-1).argmax()) if val else 0
     res = {f"test_{m}": round(float(v[best]), 2) for m, v in test.items()}
     res.update({f"val_{m}": round(float(v[best]), 2) for m, v in val.items()})
     res["eval_weight_decay"] = float(wd[best])
@@ -391,9 +623,11 @@ def linear_eval(feats, labels, task, cfg):
 
 
 @torch.no_grad()
-def representations(f, splits):
+def representations(f, splits, chunk=1024):
+    """y = f(x) of every unaugmented sample of each split, BatchNorm in eval mode."""
     f.eval()
-    feats = [f(s.normalized()).float() for s in splits]
+    feats = [torch.cat([f(s.inputs(i)).float() for i in torch.arange(len(s), device=s.labels.device).split(chunk)])
+             for s in splits]
     f.train()
     return feats
 
@@ -475,8 +709,9 @@ def load_checkpoint(path, cfg):
 def check_config(cfg, data, world):
     if cfg.method not in ("myow", "byol", "supervised"):
         raise ConfigError(f"--method {cfg.method!r} is not known; choose myow, byol or supervised")
-    if cfg.method == "supervised" and (data.labels is None or world > 1 or cfg.resume):
-        raise ConfigError("--method supervised needs labels, one process and no --resume")
+    if cfg.method == "supervised" and (data.task not in ("reach", "state") or world > 1 or cfg.resume):
+        raise ConfigError("--method supervised is the neural baseline: it needs a labelled neural "
+                          "recording, one process and no --resume")
     if cfg.save_embeddings and not cfg.out:
         raise ConfigError("--save-embeddings writes into --out DIR; give one")
     if cfg.batch_size > len(data):
@@ -485,21 +720,22 @@ def check_config(cfg, data, world):
     if cfg.batch_size % world or cfg.pool_size % world:
         raise ConfigError(f"--batch-size {cfg.batch_size} and --pool-size {cfg.pool_size} are global "
                           f"and must divide by the {world} processes")
-    for name in ("noise_p", "pepper_p", "pepper_rate", "dropout_max"):
+    for name in ("noise_p", "pepper_p", "pepper_rate", "dropout_max", "color_p", "gray_p", "flip_p"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}; a probability "
                               f"must lie in [0, 1]")
     for name, choices in (("pool", ("fresh", "batch")), ("mine_in", ("target", "online")),
-                          ("anchor_view", ("new", "shared"))):
+                          ("anchor_view", ("new", "shared")), ("optimizer", ("adamw", "sgd")),
+                          ("layout", ("cascaded", "parallel", "single")),
+                          ("arch", ("mlp", "convnet", "resnet18", "resnet50") if cfg.dataset not in NEURAL else ("mlp",))):
         if getattr(cfg, name) not in choices:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose {' or '.join(choices)}")
     if cfg.method == "myow":
         L = cfg.pool_size if cfg.pool == "fresh" else 2 * cfg.batch_size
         # candidates each anchor may ever mine among the training samples, by the mask (App. B)
-        eligible = torch.cat([neural_data.mining_mask(data.trial[i], data.time[i], data.trial,
-                                                      data.time, cfg.min_gap_s).sum(1)
-                              for i in torch.arange(len(data)).split(1024)])
-        typical = int(eligible.median())
+        every = torch.arange(len(data), device=data.labels.device if data.labels is not None else None)
+        some = every[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:1024].to(every.device)]
+        typical = int(data.allowed(some, every, cfg).sum(1).median())
         if not 1 <= cfg.k <= min(L, typical):
             raise ConfigError(f"--k {cfg.k} is larger than the eligible pool: L = {L} candidates, and "
                               f"the mask (--min-gap-s {cfg.min_gap_s}) leaves a typical anchor {typical} "
@@ -510,16 +746,23 @@ def train(cfg, splits, device, log, rank=0, world=1, state=None):
     """Algorithm 1. Returns the online model and the last epoch's log record."""
     data = splits[0]
     torch.manual_seed(cfg.seed)                                   # same initial theta everywhere
-    model, target = (m.to(device) for m in build_networks(cfg, data.x.shape[1]))
+    model, target = build_networks(cfg, data)
+    fmt = torch.channels_last if cfg.arch != "mlp" else torch.contiguous_format
+    model, target = model.to(device, memory_format=fmt), target.to(device, memory_format=fmt)
     if world > 1:
         if device.type == "cuda":                 # BatchNorm over the global batch (GPU only)
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     online = ddp if world > 1 else model
+    target_f = target.f
+    if cfg.compile:
+        online, target_f = torch.compile(online), torch.compile(target.f)
     xi, theta = ema_tensors(target), ema_tensors(model.net)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            fused=device.type in ("cpu", "cuda"))
+    if cfg.optimizer == "sgd":                                                          # App. C
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:                                                                               # App. D
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     N, B, L = len(data), cfg.batch_size, cfg.pool_size
     b, l = B // world, L // world                               # this rank's share
@@ -567,16 +810,17 @@ def train(cfg, splits, device, log, rank=0, world=1, state=None):
                 c = pool[rank * l:(rank + 1) * l].to(device)
             else:                       # the batch's own target views x, x' are the candidates
                 c = torch.cat([s, s])
-            # Views: x = t(s), x' = t'(s), x_m = t_m(s), x_c = t_m(c); here T_m = T (App. D.1).
+            # Views: x = t(s), x' = t'(s) with t, t' ~ T; x_m = t_m(s), x_c = t_m(c) with t_m ~ T_m.
             fresh = c if cfg.pool == "fresh" else c[:0]
             third = mining and cfg.anchor_view == "new"         # else x doubles as x_m (T_m = T)
-            views = augment_neural(data, torch.cat([s, s, s[:b if third else 0], fresh]), cfg)
-            n_online = 3 * b if third else 2 * b
-            x, x2, x_m, x_c = views[:b], views[b:2 * b], views[2 * b:n_online], views[n_online:]
+            views = data.views(torch.cat([s, s]), cfg)
+            mined = data.views(torch.cat([s[:b if third else 0], fresh]), cfg, mined=True)
+            x, x2 = views[:b], views[b:]
+            x_m, x_c = mined[:b if third else 0], mined[b if third else 0:]
             anchors = (slice(2 * b, 3 * b) if third else slice(0, b)) if mining else None
             with autocast:
                 with torch.no_grad():                                      # target network xi
-                    y_t = target.f(torch.cat([x, x2, x_c]))                # (2b + l, D)
+                    y_t = target_f(torch.cat([x, x2, x_c]))                # (2b + l, D)
                     z_t = target.g(y_t)
                     u, z2 = z_t[:b], z_t[b:2 * b]                          # u = g(f(x)), z' = g(f(x'))
                     first = 2 * b if cfg.pool == "fresh" else 0           # where the pool starts
@@ -591,9 +835,8 @@ def train(cfg, splits, device, log, rank=0, world=1, state=None):
                             y_pool = model.net.f(x_c) if cfg.pool == "fresh" else y[:2 * b]
                         c_all = all_gather(c)                              # (L,) global pool
                         y_pool = all_gather(y_pool)                        # (L, D)
-                        v_pool = all_gather(target.h(z_t[first:]))         # (L, Dv) h(g(y'_c))
-                        allowed = neural_data.mining_mask(data.trial[s], data.time[s], data.trial[c_all],
-                                                          data.time[c_all], cfg.min_gap_s)   # (b, L)
+                        v_pool = all_gather(target.mined_space(y_t[first:], z_t[first:]))  # (L, Dv)
+                        allowed = data.allowed(s, c_all, cfg)              # (b, L) mask (App. B)
                         j, has = mine(y[anchors], y_pool, allowed, cfg.k)
                     loss_mine = (d(r_v, v_pool[j]) * has).sum() / has.sum().clamp(min=1)
                     if data.labels is not None:
@@ -651,7 +894,7 @@ def train_supervised(cfg, splits, device, log):
     head = nn.Linear(cfg.rep_dim, n_out).to(device)
     params = list(f.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.sup_weight_decay)
-    X, Y = data.normalized(), data.labels
+    X, Y = data.inputs(torch.arange(len(data), device=device)), data.labels
     class_w = class_weights(Y, n_out) if task != "reach" else None
     N, B = len(X), cfg.batch_size
     steps_per_epoch, t0 = N // B, time.time()
@@ -745,12 +988,18 @@ def prepare_out(cfg, rank):
 def run(cfg):
     t_start = time.time()
     rank, world, device = setup_distributed(cfg)
-    rec, splits, split_idx = load_neural(cfg, device)
+    if cfg.dataset in NEURAL:
+        rec, splits, split_idx = load_neural(cfg, device)
+        about = f"{len(rec.rates)} bins x {splits[0].x.shape[1]} neurons"
+    else:
+        rec, splits = None, load_images(cfg, device)
+        splits.insert(1, None)                                   # public train/test split, no validation
+        about = f"images {tuple(splits[0].x.shape[1:])}"
     check_config(cfg, splits[0], world)
     state = prepare_out(cfg, rank)
     if rank == 0:
-        print(f"{rec.name}: {len(rec.rates)} bins x {splits[0].x.shape[1]} neurons, splits "
-              f"{[len(s) for s in splits]}, {cfg.method} on {world} x {device}", flush=True)
+        print(f"{cfg.dataset}: {about}, splits {[len(s) for s in splits if s]}, {cfg.method} on "
+              f"{world} x {device}", flush=True)
     t0 = time.time()
     if cfg.method == "supervised":
         f, last = train_supervised(cfg, splits, device, make_logger(cfg)), {"mining_class_acc": None}
@@ -761,9 +1010,13 @@ def run(cfg):
     if rank != 0:
         return None
     t0 = time.time()
-    feats = representations(f, splits)
-    labels = [s.labels for s in splits]
-    metrics = linear_eval(feats, labels, rec.task, cfg) if rec.labels is not None else {}
+    feats = representations(f, [s for s in splits if s])
+    feats.insert(1, None) if splits[1] is None else None
+    labels = [s and s.labels for s in splits]
+    metrics = linear_eval(feats, labels, splits[0].task, cfg) if splits[0].labels is not None else {}
+    if splits[0].task == "class" and splits[0].coarse is not None:          # CIFAR-20 (Table 1)
+        coarse = [l if l is None else splits[0].coarse[l] for l in labels]
+        metrics["test_acc_cifar20"] = linear_eval(feats, coarse, "class", cfg)["test_acc"]
     result = {"dataset": cfg.dataset, "method": cfg.method, "seed": cfg.seed, "epochs": cfg.epochs,
               **metrics, "mining_class_acc": last["mining_class_acc"], "world_size": world,
               "train_seconds": round(train_seconds, 2), "eval_seconds": round(time.time() - t0, 2),

@@ -5,6 +5,7 @@ import os
 import pickle
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ def test_loss_is_negative_cosine_similarity():
 
 def test_target_side_gets_no_gradient():
     cfg = myow.Config(rep_dim=4, hidden=8, pred_hidden=8)
-    model, target = myow.build_networks(cfg, 6)
+    model, target = myow.build_networks(cfg, SimpleNamespace(x=torch.zeros(1, 6)))
     assert not any(t.requires_grad for t in target.parameters())
     x = torch.randn(10, 6)
     y, p, r_v = model(x, 6, slice(6, 10))
@@ -45,7 +46,7 @@ def test_target_side_gets_no_gradient():
 # --- target network, eq. (2) ------------------------------------------------------------------
 def test_target_starts_equal_and_follows_eq2():
     cfg = myow.Config(rep_dim=4, hidden=8, pred_hidden=8)
-    model, target = myow.build_networks(cfg, 6)
+    model, target = myow.build_networks(cfg, SimpleNamespace(x=torch.zeros(1, 6)))
     for a, b in zip(model.net.state_dict().values(), target.state_dict().values()):
         assert torch.equal(a, b)
     xi, theta = myow.ema_tensors(target), myow.ema_tensors(model.net)
@@ -449,3 +450,97 @@ def test_supervised_baseline_and_embeddings(tmp_path):
     assert [int(r[1]) for r in rows] == rec.trial.tolist()          # recording order kept
     assert [int(r[3]) for r in rows] == rec.labels.tolist()
     assert [r[0] for r in rows[:3]] == ["train"] * 3 and rows[-1][0] == "test"
+
+
+# --- images (Appendix C) ----------------------------------------------------------------------
+def image_split(x, size=32):
+    C = x.shape[1]
+    return myow.ImageSplit(x, torch.zeros(len(x), dtype=torch.long), torch.zeros(C, 1, 1),
+                           torch.ones(C, 1, 1), size)
+
+
+def test_crop_and_flip_are_drawn_per_sample_within_range():
+    torch.manual_seed(0)
+    theta = myow.crop_flip_params(20000, (0.2, 1.0), 0.5, torch.device("cpu"))
+    w, h = theta[:, 0, 0].abs(), theta[:, 1, 1]
+    area, aspect = w * h, w / h
+    assert (area >= 0.2 - 1e-6).all() and (area <= 1 + 1e-6).all()
+    assert ((aspect >= 0.75 - 1e-5) & (aspect <= 4 / 3 + 1e-5)).float().mean() > 0.99   # else whole image
+    assert abs((theta[:, 0, 0] < 0).float().mean() - 0.5) < 0.02                         # flip p = 0.5
+    assert (theta[:, 0, 2].abs() <= 1 - w + 1e-6).all()                                  # inside the image
+    assert len(torch.unique(area)) > 19000                                               # per sample
+    mined = myow.crop_flip_params(5000, (0.8, 1.0), 0.0, torch.device("cpu"))
+    assert (mined[:, 0, 0] > 0).all() and (mined[:, 0, 0] * mined[:, 1, 1] >= 0.8 - 1e-6).all()
+
+
+def test_image_views_differ_per_sample_and_stay_in_range():
+    torch.manual_seed(0)
+    img = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    data = image_split(img)
+    cfg = myow.Config(**myow.IMAGES)
+    v = data.views(torch.zeros(64, dtype=torch.long), cfg)                  # one image, 64 views
+    assert v.shape == (64, 3, 32, 32) and v.min() >= 0 and v.max() <= 1
+    flat = v.flatten(1)
+    assert torch.cdist(flat, flat).add(torch.eye(64) * 1e9).min() > 0       # all 64 differ
+    cfg.gray_p, cfg.color_p = 1.0, 0.0
+    g = data.views(torch.zeros(16, dtype=torch.long), cfg)
+    assert torch.allclose(g[:, 0], g[:, 1]) and torch.allclose(g[:, 1], g[:, 2])
+    cfg.gray_p, cfg.color_p, cfg.crop_area = 0.0, 1.0, "1:1"
+    flat_img = image_split(torch.full((1, 3, 32, 32), 128, dtype=torch.uint8))
+    means = flat_img.views(torch.zeros(200, dtype=torch.long), cfg).mean((1, 2, 3))
+    assert means.std() > 0.05                                               # brightness per sample
+
+
+def test_layouts_give_the_right_head_shapes():
+    data = image_split(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))
+    for layout, h_in in (("cascaded", 256), ("parallel", 512), ("single", None)):
+        cfg = myow.Config(**{**myow.IMAGES, "layout": layout})
+        model, target = myow.build_networks(cfg, data)
+        net = model.net
+        assert net.g[0].in_features == 512 and net.g[3].out_features == 256        # MLP(512, 4096, 256)
+        assert net.g[0].out_features == 4096 and model.q[0].in_features == 256
+        if h_in is None:
+            assert isinstance(net.h, torch.nn.Identity)
+        else:
+            assert net.h[0].in_features == h_in and net.h[3].out_features == 256
+        y, p, r_v = model(torch.randn(6, 3, 32, 32), 4, slice(4, 6))
+        assert y.shape == (6, 512) and p.shape == (4, 256) and r_v.shape == (2, 256)
+    f = myow.build_networks(myow.Config(**{**myow.IMAGES, "arch": "resnet50"}), data)[0].net.f
+    assert f.conv1.kernel_size == (3, 3) and f.conv1.stride == (1, 1)
+    assert f(torch.randn(2, 3, 32, 32)).shape == (2, 2048)
+
+
+def test_cifar10_layout_loads_through_the_real_loader(tmp_path, monkeypatch):
+    import torchvision
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(base / name, "wb") as fh:
+            pickle.dump({"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                         "labels": rng.integers(0, 10, 4).tolist()}, fh)
+    with open(base / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, fh)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a: True)  # fakes fail md5
+    cfg = myow.Config(**{**myow.IMAGES, "dataset": "cifar10", "data_dir": str(tmp_path)})
+    train, test = myow.load_images(cfg, torch.device("cpu"))
+    assert train.x.shape == (20, 3, 32, 32) and train.x.dtype == torch.uint8 and len(test) == 4
+    raw = pickle.load(open(base / "data_batch_1", "rb"))["data"][0].reshape(3, 32, 32)
+    assert np.array_equal(train.x[0].numpy(), raw)                       # channels first, same pixels
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a: False)
+    with pytest.raises(nd.DataError, match="--download"):
+        myow.load_images(cfg, torch.device("cpu"))
+
+
+def test_image_path_learns_on_shapes():
+    """A short CPU run on the procedural shapes: the linear probe beats the same probe on the
+    untrained encoder, and chance (1/3) by far."""
+    cfg = myow.parse_config(["--dataset", "shapes", "--epochs", "3", "--eval-epochs", "15",
+                             "--eval-milestones", "10"])
+    res = myow.run(cfg)
+    splits = myow.load_images(cfg, torch.device("cpu"))
+    torch.manual_seed(cfg.seed)
+    f = myow.build_networks(cfg, splits[0])[0].net.f
+    feats = myow.representations(f, splits)
+    untrained = myow.linear_eval([feats[0], None, feats[1]], [splits[0].labels, None, splits[1].labels], "class", cfg)
+    assert res["test_acc"] > max(70, untrained["test_acc"] + 5), (res, untrained)
