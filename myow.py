@@ -211,15 +211,7 @@ def augment_neural(data, idx, cfg):
 
 
 def load_neural(cfg, device):
-    rec = neural_data.load_recording(cfg.dataset, cfg.data_dir, cfg.data_file)
-    if not np.isfinite(rec.rates).all():
-        bad = np.argwhere(~np.isfinite(rec.rates))[0]
-        raise neural_data.DataError(f"{rec.name}: firing rate at bin {bad[0]}, neuron {bad[1]} is "
-                                    f"{rec.rates[tuple(bad)]}; remove or interpolate non-finite values")
-    if rec.labels is not None and (rec.labels.min() < 0 or (rec.task == "reach" and rec.labels.max() > 7)):
-        bad = rec.labels[(rec.labels < 0) | ((rec.labels > 7) & (rec.task == "reach"))][0]
-        raise neural_data.DataError(f"{rec.name}: label {bad} is out of range; labels must be integer "
-                                    f"classes 0, 1, 2, ... (reach directions 0..7)")
+    rec = neural_data.validate(neural_data.load_recording(cfg.dataset, cfg.data_dir, cfg.data_file))
     splits = neural_data.temporal_split(rec.trial)
     train = rec.rates[splits[0]]
     std = train.std(0)
@@ -814,7 +806,7 @@ def train(cfg, splits, device, log, rank=0, world=1, state=None):
             fresh = c if cfg.pool == "fresh" else c[:0]
             third = mining and cfg.anchor_view == "new"         # else x doubles as x_m (T_m = T)
             views = data.views(torch.cat([s, s]), cfg)
-            mined = data.views(torch.cat([s[:b if third else 0], fresh]), cfg, mined=True)
+            mined = data.views(torch.cat([s[:b if third else 0], fresh]), cfg, mined=True) if mining else views[:0]
             x, x2 = views[:b], views[b:]
             x_m, x_c = mined[:b if third else 0], mined[b if third else 0:]
             anchors = (slice(2 * b, 3 * b) if third else slice(0, b)) if mining else None
@@ -917,23 +909,6 @@ def train_supervised(cfg, splits, device, log):
     return f
 
 
-def save_embeddings(out, f, splits, rec, split_idx):
-    """The representation of every bin with its labels, in the two tab-separated files the
-    TensorBoard embedding projector (projector.tensorflow.org) loads."""
-    feats = torch.cat(representations(f, splits)).cpu().numpy()          # (T, D) in split order
-    order = np.concatenate(split_idx)                                    # recording index of each row
-    names = ["train", "val", "test"]
-    with open(os.path.join(out, "embeddings.tsv"), "w") as fh:
-        fh.writelines("\t".join(f"{v:.5g}" for v in row) + "\n" for row in feats)
-    label = {"reach": "direction", "state": "state"}.get(rec.task, "label")
-    with open(os.path.join(out, "metadata.tsv"), "w") as fh:
-        fh.write(f"split\ttrial\ttime_s\t{label}\n")
-        for k, i in enumerate(order):
-            split = names[int(np.searchsorted(np.cumsum([len(s) for s in split_idx]), k, side="right"))]
-            lab = "" if rec.labels is None else int(rec.labels[i])
-            fh.write(f"{split}\t{int(rec.trial[i])}\t{rec.time[i]:.2f}\t{lab}\n")
-
-
 # =============================================================================================
 # Entry point
 # =============================================================================================
@@ -1024,8 +999,8 @@ def run(cfg):
     if cfg.out:
         with open(os.path.join(cfg.out, "results.json"), "w") as fh:
             json.dump(result, fh, indent=1)
-        if cfg.save_embeddings:
-            save_embeddings(cfg.out, f, splits, rec, split_idx)
+        if cfg.save_embeddings:                # the ring of reach directions of Fig. 3C, for example
+            neural_data.write_projector_tsv(cfg.out, torch.cat(feats[:3]).cpu().numpy(), rec, split_idx)
     print(json.dumps(result), flush=True)
     return result
 

@@ -251,6 +251,34 @@ def synthetic_reach(seed=0, n_trials=240, n_neurons=96, bin_s=0.1):
                      np.concatenate(time), np.array(labels), "reach", bin_s)
 
 
+def validate(rec):
+    """Refuse non-finite rates and labels that are not classes 0, 1, 2, ... (reach: 0..7)."""
+    if not np.isfinite(rec.rates).all():
+        t, n = np.argwhere(~np.isfinite(rec.rates))[0]
+        raise DataError(f"{rec.name}: firing rate at bin {t}, neuron {n} is {rec.rates[t, n]}; "
+                        f"remove or interpolate non-finite values")
+    if rec.labels is not None:
+        bad = (rec.labels < 0) | ((rec.labels > 7) & (rec.task == "reach"))
+        if bad.any():
+            raise DataError(f"{rec.name}: label {rec.labels[bad][0]} is out of range; labels must be "
+                            f"integer classes 0, 1, 2, ... (reach directions 0..7)")
+    return rec
+
+
+def write_projector_tsv(out, feats, rec, split_idx):
+    """Representations (T, D) of every bin, rows in the order of `split_idx` (train, val, test
+    indices into the recording), as the two tab-separated files the TensorBoard embedding
+    projector loads: embeddings.tsv (no header) and metadata.tsv (one header line)."""
+    np.savetxt(os.path.join(out, "embeddings.tsv"), feats, delimiter="\t", fmt="%.5g")
+    label = {"reach": "direction", "state": "state"}.get(rec.task, "label")
+    with open(os.path.join(out, "metadata.tsv"), "w") as fh:
+        fh.write(f"split\ttrial\ttime_s\t{label}\n")
+        for name, idx in zip(("train", "val", "test"), split_idx):
+            for i in idx:
+                lab = "" if rec.labels is None else int(rec.labels[i])
+                fh.write(f"{name}\t{rec.trial[i]}\t{rec.time[i]:.2f}\t{lab}\n")
+
+
 def load_recording(name, data_dir="data", data_file=None, seed=0, download=True):
     """The recording called `name` (synthetic, chewie1, chewie2, mihi1, mouse, npz)."""
     if name == "synthetic":

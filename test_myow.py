@@ -544,3 +544,13 @@ def test_image_path_learns_on_shapes():
     feats = myow.representations(f, splits)
     untrained = myow.linear_eval([feats[0], None, feats[1]], [splits[0].labels, None, splits[1].labels], "class", cfg)
     assert res["test_acc"] > max(70, untrained["test_acc"] + 5), (res, untrained)
+
+
+@pytest.mark.parametrize("method", ["myow", "byol"])
+def test_image_step_runs_for_both_methods(method):
+    cfg = myow.parse_config(["--dataset", "shapes", "--method", method, "--epochs", "1", "--batch-size", "32",
+                             "--pool-size", "32"])
+    splits = myow.load_images(cfg, torch.device("cpu"))
+    splits[0] = myow.ImageSplit(splits[0].x[:64], splits[0].labels[:64], splits[0].mean, splits[0].std, 32)
+    model, last = myow.train(cfg, splits, torch.device("cpu"), lambda *a, **k: None)
+    assert (last["mining_class_acc"] is None) == (method == "byol") and math.isfinite(last["loss"])
