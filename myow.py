@@ -125,13 +125,13 @@ class Config:
 # Per-dataset defaults in one table; a flag given on the command line always wins.
 MONKEY = {}                                                       # Appendix D.1 = Config defaults
 IMAGES = dict(optimizer="sgd", lr=0.03, weight_decay=5e-4, warmup_epochs=10, tau=0.996, epochs=800,
-              pool_size=512, k=1, mining_weight=0.1, arch="resnet18", proj_hidden=4096,
+              pool_size=512, k=1, mining_weight=0.1, arch="resnet18", proj_hidden=4096, ckpt_every=10,
               pred_hidden=4096, eval_epochs=200, eval_lr=0.4, eval_milestones="140,190",
               eval_wd_exponents="")                               # Appendix C
 SMALL = dict(IMAGES, arch="convnet", epochs=15, batch_size=256, pool_size=256, proj_hidden=512,
              proj_dim=64, pred_hidden=512, warmup_epochs=2, eval_epochs=30, eval_milestones="20,27")
 PRESETS = {
-    "synthetic": dict(MONKEY, epochs=300),                        # quick offline default
+    "synthetic": MONKEY,                                          # offline default, App. D.1 recipe
     "chewie1": MONKEY, "chewie2": MONKEY, "mihi1": MONKEY, "npz": MONKEY,
     "mouse": dict(lr=0.001, rep_dim=64, jitter_s=12.0, min_gap_s=1800.0),   # Appendix D.2
     "cifar10": IMAGES, "cifar100": IMAGES, "mnist": IMAGES, "random32": IMAGES,
@@ -875,7 +875,7 @@ def train(cfg, splits, device, log, rank=0, world=1, state=None):
     return model, last
 
 
-def train_supervised(cfg, splits, device, log):
+def train_supervised(cfg, splits, device):
     """The supervised baseline of Table 3: the same encoder with dropout after every block and
     weight decay, trained end to end on the labels through a linear head, on unaugmented data
     with the same optimiser and schedule. Returns the encoder f."""
@@ -930,7 +930,7 @@ def make_logger(cfg):
     return log
 
 
-OUT_FILES = ("config.json", "log.jsonl", "results.json", "checkpoint.pt")
+OUT_FILES = ("config.json", "log.jsonl", "results.json", "checkpoint.pt", "embeddings.tsv", "metadata.tsv")
 
 
 def prepare_out(cfg, rank):
@@ -944,6 +944,8 @@ def prepare_out(cfg, rank):
     if ours and not cfg.resume and not cfg.overwrite:
         raise ConfigError(f"--out {cfg.out} already holds a run ({', '.join(ours)}); continue it with "
                           f"--resume or replace it with --overwrite")
+    if dist.is_initialized():
+        dist.barrier()                             # every rank has looked before rank 0 writes
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         if cfg.overwrite and not cfg.resume:
@@ -977,7 +979,7 @@ def run(cfg):
               f"{world} x {device}", flush=True)
     t0 = time.time()
     if cfg.method == "supervised":
-        f, last = train_supervised(cfg, splits, device, make_logger(cfg)), {"mining_class_acc": None}
+        f, last = train_supervised(cfg, splits, device), {"mining_class_acc": None}
     else:
         model, last = train(cfg, splits, device, make_logger(cfg), rank, world, state)
         f = model.net.f

@@ -67,8 +67,8 @@ def temporal_split(trial, fractions=(0.7, 0.1, 0.2)):
 
 def jitter_bounds(trial, time, window):
     """For each sample, the index range [lo, hi] of samples in the same trial at most `window`
-    seconds away (temporal jitter, Appendix D/J). Samples must be in recording order."""
-    rank = np.unique(trial, return_inverse=True)[1]
+    seconds away (temporal jitter, Appendix D/J). Samples in recording order, trials contiguous."""
+    rank = np.r_[0, np.cumsum(np.diff(trial) != 0)]              # trial's position in the recording
     span = float(time.max() - time.min()) + 2 * window + 1.0
     key = rank * span + (time - time.min())       # increasing; trials never overlap
     lo = np.searchsorted(key, key - window, side="left")
