@@ -619,7 +619,7 @@ def linear_eval(feats, labels, task, cfg):
 def representations(f, splits, chunk=1024):
     """y = f(x) of every unaugmented sample of each split, BatchNorm in eval mode."""
     f.eval()
-    feats = [torch.cat([f(s.inputs(i)).float() for i in torch.arange(len(s), device=s.labels.device).split(chunk)])
+    feats = [torch.cat([f(s.inputs(i)).float() for i in torch.arange(len(s), device=s.x.device).split(chunk)])
              for s in splits]
     f.train()
     return feats
@@ -655,14 +655,14 @@ RUN_FIELDS = {"out", "resume", "overwrite", "device", "log_every", "ckpt_every",
 
 
 def rng_states(index_gen):
-    states = {"torch": torch.get_rng_state(), "index": index_gen.get_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state()
-    if dist.is_initialized():                     # every rank has its own augmentation stream
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, states)
-        return gathered
-    return [states]
+    """Every generator in use, for every rank (each has its own augmentation stream)."""
+    states = {"torch": torch.get_rng_state(), "index": index_gen.get_state(),
+              **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+    if not dist.is_initialized():
+        return [states]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, states)
+    return gathered
 
 
 def save_checkpoint(path, state):
@@ -726,8 +726,8 @@ def check_config(cfg, data, world):
     if cfg.method == "myow":
         L = cfg.pool_size if cfg.pool == "fresh" else 2 * cfg.batch_size
         # candidates each anchor may ever mine among the training samples, by the mask (App. B)
-        every = torch.arange(len(data), device=data.labels.device if data.labels is not None else None)
-        some = every[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:1024].to(every.device)]
+        every = torch.arange(len(data), device=data.x.device)
+        some = every[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:1024].to(data.x.device)]
         typical = int(data.allowed(some, every, cfg).sum(1).median())
         if not 1 <= cfg.k <= min(L, typical):
             raise ConfigError(f"--k {cfg.k} is larger than the eligible pool: L = {L} candidates, and "
@@ -857,7 +857,8 @@ def train(cfg, splits, device, log, rank=0, world=1, state=None):
         st = (stats / steps_per_epoch).tolist()
         last = {"epoch": epoch + 1, "loss": st[0], "loss_aug": st[1], "loss_mined": st[2] if mining else None,
                 "lr": lr, "tau": tau, "lambda": lam,
-                "mining_class_acc": 100 * stats[3].item() / max(1, stats[4].item()) if mining else None}
+                "mining_class_acc": (100 * stats[3].item() / max(1, stats[4].item())
+                                     if mining and data.labels is not None else None)}
         done = epoch + 1 - start
         if rank == 0:
             log(last, print_line=(epoch + 1) % log_every == 0 or epoch + 1 == cfg.epochs,
@@ -923,8 +924,9 @@ def make_logger(cfg):
             with open(path, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
         if print_line:
-            mined = (f" mined {rec['loss_mined']:.3f} | class-acc {rec['mining_class_acc']:.1f}%"
-                     if rec["mining_class_acc"] is not None else "")
+            mined = f" mined {rec['loss_mined']:.3f}" if rec["loss_mined"] is not None else ""
+            if rec["mining_class_acc"] is not None:       # mined views sharing the anchor's label
+                mined += f" | class-acc {rec['mining_class_acc']:.1f}%"
             print(f"epoch {rec['epoch']:4d}/{cfg.epochs} | loss {rec['loss']:.3f} (aug {rec['loss_aug']:.3f}"
                   f"{mined}) | lr {rec['lr']:.2e} tau {rec['tau']:.4f} lambda {rec['lambda']:.2f} | "
                   f"{rate:,.0f} samples/s | ETA {eta:.0f}s", flush=True)
@@ -985,7 +987,8 @@ def run(cfg):
         model, last = train(cfg, splits, device, make_logger(cfg), rank, world, state)
         f = model.net.f
     train_seconds = time.time() - t0
-    if rank != 0:
+    if rank != 0:                    # wait for rank 0's evaluation: ranks that leave the process
+        dist.barrier()               # group while another still works can abort at exit (gloo)
         return None
     t0 = time.time()
     feats = representations(f, [s for s in splits if s])
@@ -1005,6 +1008,8 @@ def run(cfg):
         if cfg.save_embeddings:                # the ring of reach directions of Fig. 3C, for example
             neural_data.write_projector_tsv(cfg.out, torch.cat(feats[:3]).cpu().numpy(), rec, split_idx)
     print(json.dumps(result), flush=True)
+    if world > 1:
+        dist.barrier()
     return result
 
 

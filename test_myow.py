@@ -293,13 +293,23 @@ model, _ = myow.train(cfg, splits, device, lambda *a, **k: None, rank, world)
 grad = torch.cat([p.grad.flatten() for p in model.parameters()])      # the last step's gradient
 pool = myow.all_gather(torch.arange(3) + 10 * rank)
 torch.save(dict(params=model.state_dict(), grad=grad, pool=pool), os.path.join({out!r}, f"w{{world}}r{{rank}}.pt"))
+if world > 1:
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """
 
 
 def torchrun(n, *args):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={n}", *args], capture_output=True, text=True,
-                          timeout=240, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """Launch with torchrun. Once in a few dozen launches on this 2-core machine a gloo worker
+    aborts while its threads shut down ('terminate called without an active exception', exit
+    -6); only that signature is tried a second time, any other failure fails the test."""
+    for attempt in range(2):
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc_per_node={n}", *args], capture_output=True, text=True,
+                           timeout=240, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if p.returncode == 0 or "terminate called without an active exception" not in p.stderr:
+            return p
+    return p
 
 
 def test_two_processes_match_one(tmp_path):
@@ -311,9 +321,9 @@ def test_two_processes_match_one(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(here=HERE, out=str(tmp_path)))
     p = torchrun(2, str(script))
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.returncode == 0, p.stderr[:4000]
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.returncode == 0, p.stderr[:4000]
     r0, r1, one = (torch.load(tmp_path / f, weights_only=True) for f in ("w2r0.pt", "w2r1.pt", "w1r0.pt"))
     for k, v in r0["params"].items():
         if "running" not in k and "num_batches" not in k:            # BN statistics stay per rank
@@ -325,7 +335,7 @@ def test_two_processes_match_one(tmp_path):
 
 def test_torchrun_cli_prints_one_json_line(tmp_path):
     p = torchrun(2, "myow.py", "--epochs", "4", "--warmup-epochs", "1", "--out", str(tmp_path / "run"))
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.returncode == 0, p.stderr[:4000]
     lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
     assert len(lines) == 1 and json.loads(lines[0])["world_size"] == 2
     assert len(open(tmp_path / "run" / "log.jsonl").readlines()) == 4     # rank 0 alone writes
@@ -554,3 +564,12 @@ def test_image_step_runs_for_both_methods(method):
     splits[0] = myow.ImageSplit(splits[0].x[:64], splits[0].labels[:64], splits[0].mean, splits[0].std, 32)
     model, last = myow.train(cfg, splits, torch.device("cpu"), lambda *a, **k: None)
     assert (last["mining_class_acc"] is None) == (method == "byol") and math.isfinite(last["loss"])
+
+
+def test_unlabelled_recording_trains(tmp_path):
+    rates = np.random.default_rng(0).poisson(5, (900, 12)).astype(np.float32)
+    np.savez(tmp_path / "r.npz", firing_rates=rates, trial=np.repeat(np.arange(90), 10))
+    p = run_cli("--dataset", "npz", "--data-file", str(tmp_path / "r.npz"), "--epochs", "3", "--batch-size", "128")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert "test_acc" not in res and res["mining_class_acc"] is None     # nothing to compare with
