@@ -131,6 +131,8 @@ def fetch(name, data_dir, download=True):
             with urllib.request.urlopen(url + name, timeout=60) as r, open(tmp, "wb") as fh:
                 shutil.copyfileobj(r, fh)
         except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)                                   # no partial file left behind
             raise DataError(f"could not download {url + name} ({e}); without internet, download it "
                             f"elsewhere and place it in {data_dir}") from None
         if sha256(tmp) != expected:
