@@ -617,9 +617,10 @@ def linear_eval(feats, labels, task, cfg):
 
 @torch.no_grad()
 def representations(f, splits, chunk=1024):
-    """y = f(x) of every unaugmented sample of each split, BatchNorm in eval mode."""
+    """y = f(x) of every unaugmented sample of each split (None stays None), BatchNorm in eval mode."""
     f.eval()
-    feats = [torch.cat([f(s.inputs(i)).float() for i in torch.arange(len(s), device=s.x.device).split(chunk)])
+    feats = [None if s is None else
+             torch.cat([f(s.inputs(i)).float() for i in torch.arange(len(s), device=s.x.device).split(chunk)])
              for s in splits]
     f.train()
     return feats
@@ -833,7 +834,7 @@ def train(cfg, splits, device, log, rank=0, world=1, state=None):
                         j, has = mine(y[anchors], y_pool, allowed, cfg.k)
                     loss_mine = (d(r_v, v_pool[j]) * has).sum() / has.sum().clamp(min=1)
                     if data.labels is not None:
-                        stats[3] += (data.labels[s] == data.labels[c_all[j]])[has].sum()
+                        stats[3] += ((data.labels[s] == data.labels[c_all[j]]) & has).sum()   # no sync
                     stats[4] += has.sum()
                 loss = loss_aug + lam * loss_mine
             opt.zero_grad(set_to_none=True)
@@ -991,8 +992,7 @@ def run(cfg):
         dist.barrier()               # group while another still works can abort at exit (gloo)
         return None
     t0 = time.time()
-    feats = representations(f, [s for s in splits if s])
-    feats.insert(1, None) if splits[1] is None else None
+    feats = representations(f, splits)
     labels = [s and s.labels for s in splits]
     metrics = linear_eval(feats, labels, splits[0].task, cfg) if splits[0].labels is not None else {}
     if splits[0].task == "class" and splits[0].coarse is not None:          # CIFAR-20 (Table 1)
