@@ -68,16 +68,22 @@ class Config:
     momentum: float = arg(0.9, "SGD momentum (App. C: 0.9)")
     weight_decay: float = arg(2e-5, "weight decay (App. D: 2e-5; App. C: 5e-4)")
     warmup_epochs: int = arg(100, "linear lr warm-up, then cosine decay to 0 (App. D: 100)")
-    tau: float = arg(0.98, "tau, EMA momentum at step 0, cosine-increased to 1 (App. D: 0.98)")
+    tau: float = arg(0.98, "tau, EMA momentum at step 0 (App. D: 0.98)")
+    tau_final: float = arg(1.0, "tau rises along a cosine to this at the last step (App. C, D: 1; "
+                                "the authors' neural code keeps tau constant: --tau-final 0.98)")
+    pretrain_on: str = arg("train+val", "samples of self-supervised training: train+val (the validation "
+                                        "labels are never used; as the authors' code) or train")
     # -- mining (section 2.2, Appendix B) --
-    pool_size: int = arg(1024, "L, candidates drawn per step, shared by all anchors (App. D: 1024)")
+    pool_size: int = arg(1024, "L with --pool fresh: candidates drawn per step, shared by all anchors "
+                               "(App. D: 1024)")
     k: int = arg(5, "k, mined view drawn uniformly from the k nearest candidates (App. D: 5)")
     mining_weight: float = arg(1.0, "lambda, weight of the mined-view loss (App. D: 1)")
     mining_ramp_epochs: int = arg(10, "lambda ramps linearly from 0 over this many epochs (App. D: 10)")
-    pool: str = arg("fresh", "fresh: L candidates from an independent sampler (App. B); batch: "
-                             "the 2B target views of the batch itself, L = 2B, no extra forward")
-    anchor_view: str = arg("new", "new: a third view x_m = t_m(s) is the mining anchor (Alg. 1); "
-                                  "shared: x serves as x_m (valid when T_m = T), one view less")
+    pool: str = arg("batch", "batch: the candidates are the batch's target views x', L = B (sec. 2.2: "
+                             "'MYOW can be effectively trained using L = B'; no extra forward); fresh: "
+                             "L candidates from an independent sampler (App. B; images)")
+    anchor_view: str = arg("shared", "shared: x doubles as the anchor x_m (T_m = T for neural data, "
+                                     "App. D.1); new: a third view x_m = t_m(s) (Alg. 1; images)")
     mine_in: str = arg("target", "candidates' representations from the target or online network (App. F)")
     min_gap_s: float = arg(math.inf, "mine only other trials, or the same trial >= this many s away "
                                      "(App. D.2: 1800 s for sleep; inf: other trials only, App. D.1)")
@@ -124,9 +130,9 @@ class Config:
 
 
 # Per-dataset defaults in one table; a flag given on the command line always wins.
-MONKEY = {}                                                       # Appendix D.1 = Config defaults
+MONKEY = {}                                     # Appendix D.1 = Config defaults (README "Choices")
 IMAGES = dict(optimizer="sgd", lr=0.03, weight_decay=5e-4, warmup_epochs=10, tau=0.996, epochs=800,
-              pool_size=512, k=1, mining_weight=0.1, arch="resnet18", proj_hidden=4096, ckpt_every=10,
+              pool="fresh", anchor_view="new", pretrain_on="train", pool_size=512, k=1, mining_weight=0.1, arch="resnet18", proj_hidden=4096, ckpt_every=10,
               pred_hidden=4096, eval_epochs=200, eval_lr=0.4, eval_milestones="140,190",
               eval_wd_exponents="")                               # Appendix C
 SMALL = dict(IMAGES, arch="convnet", epochs=15, batch_size=256, pool_size=256, proj_hidden=512,
@@ -212,14 +218,19 @@ def augment_neural(data, idx, cfg):
 
 
 def load_neural(cfg, device):
+    """The recording, its [train, val, test] splits, their sample indices, and the split that
+    self-supervised training sees (train, or train + val without labels: --pretrain-on)."""
     rec = neural_data.validate(neural_data.load_recording(cfg.dataset, cfg.data_dir, cfg.data_file))
-    splits = neural_data.temporal_split(rec.trial)
-    train = rec.rates[splits[0]]
+    idx = neural_data.temporal_split(rec.trial)
+    train = rec.rates[idx[0]]
     std = train.std(0)
     keep = std > 0          # neurons silent throughout training carry nothing (data README)
     mean = torch.as_tensor(train.mean(0)[keep])
     std = torch.as_tensor(std[keep])
-    return rec, [NeuralSplit(rec, i, keep, mean, std, cfg, device) for i in splits], splits
+    splits = [NeuralSplit(rec, i, keep, mean, std, cfg, device) for i in idx]
+    pretrain = (NeuralSplit(rec, np.concatenate(idx[:2]), keep, mean, std, cfg, device)
+                if cfg.pretrain_on == "train+val" else splits[0])
+    return rec, splits, idx, pretrain
 
 
 # =============================================================================================
@@ -483,7 +494,8 @@ def mine(y_anchor, y_pool, allowed, k):
     y_anchor (B, D), y_pool (L, D), allowed (B, L) bool. Returns the chosen pool index (B,) and
     whether the anchor had any allowed candidate (B,); an anchor with fewer than k allowed
     candidates chooses among those it has, and one with none gets no mined view."""
-    sim = F.normalize(y_anchor.float(), dim=1) @ F.normalize(y_pool.float(), dim=1).T   # (B, L)
+    # the anchor's own norm scales its whole row, so normalising the candidates is enough to rank
+    sim = y_anchor.float() @ F.normalize(y_pool.float(), dim=1).T                    # (B, L)
     sim = sim.masked_fill(~allowed, -math.inf)
     top_sim, top_idx = sim.topk(k, dim=1)                                           # (B, k)
     eligible = top_sim > -math.inf
@@ -509,9 +521,9 @@ def lr_at(step, total, warmup, base):
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def tau_at(step, total, tau_base):
-    """tau from tau_base (step 0) to 1 (last step) along a cosine (BYOL, App. C, D)."""
-    return 1 - (1 - tau_base) * (math.cos(math.pi * step / total) + 1) / 2
+def tau_at(step, total, tau_base, tau_final=1.0):
+    """tau from tau_base (step 0) to tau_final (last step) along a cosine (BYOL, App. C, D)."""
+    return tau_final - (tau_final - tau_base) * (math.cos(math.pi * step / total) + 1) / 2
 
 
 def lambda_at(step, ramp, weight):
@@ -542,21 +554,14 @@ def weighted_f1(pred, labels, n_classes):
     return f1
 
 
-def class_weights(labels, n_classes):
-    """Class-balanced training of the state readout: weight n / (C n_c) for class c."""
-    counts = torch.bincount(labels, minlength=n_classes).float()
-    return counts.sum() / (n_classes * counts.clamp(min=1))
-
-
-def decoding_loss(out, labels, task, class_w=None):
-    """Reach: MSE to (cos, sin) of the direction (App. D.1); states: class-weighted mean
-    cross-entropy. out (..., n, O) -> one loss per readout (...)."""
+def decoding_loss(out, labels, task):
+    """Reach: MSE to (cos, sin) of the direction (App. D.1); classes: cross-entropy, not
+    class-balanced (App. D.2 does not balance). out (..., n, O) -> one loss per readout (...)."""
     if task == "reach":
         angle = labels * (math.pi / 4)
         return ((out - torch.stack([torch.cos(angle), torch.sin(angle)], -1)) ** 2).mean((-2, -1))
-    ce = F.cross_entropy(out.flatten(0, -2), labels.expand(out.shape[:-1]).flatten(), class_w,
-                         reduction="none")
-    return ce.view(out.shape[:-1]).sum(-1) / class_w[labels].sum()
+    ce = F.cross_entropy(out.flatten(0, -2), labels.expand(out.shape[:-1]).flatten(), reduction="none")
+    return ce.view(out.shape[:-1]).mean(-1)
 
 
 def scores(out, labels, task, n_classes):
@@ -572,7 +577,7 @@ def scores(out, labels, task, n_classes):
 def linear_eval(feats, labels, task, cfg):
     """Train one linear readout per weight decay 2^a (a in the sweep) on frozen train features,
     pick the best on validation, report it on test. Reach: (cos, sin) of the direction with MSE;
-    states: class-balanced cross-entropy. feats/labels: [train, val, test] tensors."""
+    classes: cross-entropy. feats/labels: [train, val, test] tensors."""
     dev = feats[0].device
     if cfg.eval_wd_exponents:
         a, b = (int(v) for v in cfg.eval_wd_exponents.split(":"))
@@ -592,11 +597,10 @@ def linear_eval(feats, labels, task, cfg):
            else torch.optim.Adam([W, bias], lr=cfg.eval_lr))                          # App. D
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1)
     X, Y = feats[0], labels[0]
-    class_w = class_weights(Y, n_classes) if task == "state" else torch.ones(n_classes, device=dev)
     for _ in range(cfg.eval_epochs):
         for i in torch.randperm(len(X), generator=g, device=X.device).split(cfg.eval_batch_size):
             out = X[i] @ W + bias                                  # (S, b, O)
-            loss = decoding_loss(out, Y[i], task, class_w).sum()   # readouts are independent
+            loss = decoding_loss(out, Y[i], task).sum()            # readouts are independent
             opt.zero_grad(set_to_none=True)
             loss.backward()
             with torch.no_grad():                                  # AdamW: decoupled decay first
@@ -709,8 +713,8 @@ def check_config(cfg, data, world):
     if cfg.save_embeddings and not cfg.out:
         raise ConfigError("--save-embeddings writes into --out DIR; give one")
     if cfg.batch_size > len(data):
-        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} training "
-                          f"samples of {cfg.dataset}; use --batch-size {len(data)} or less")
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} samples of "
+                          f"{cfg.dataset} that training sees; use --batch-size {len(data)} or less")
     if cfg.batch_size % world or cfg.pool_size % world:
         raise ConfigError(f"--batch-size {cfg.batch_size} and --pool-size {cfg.pool_size} are global "
                           f"and must divide by the {world} processes")
@@ -720,12 +724,13 @@ def check_config(cfg, data, world):
                               f"must lie in [0, 1]")
     for name, choices in (("pool", ("fresh", "batch")), ("mine_in", ("target", "online")),
                           ("anchor_view", ("new", "shared")), ("optimizer", ("adamw", "sgd")),
+                          ("pretrain_on", ("train+val", "train") if cfg.dataset in NEURAL else ("train",)),
                           ("layout", ("cascaded", "parallel", "single")),
                           ("arch", ("mlp",) if cfg.dataset in NEURAL else ("convnet", "resnet18", "resnet50"))):
         if getattr(cfg, name) not in choices:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose {' or '.join(choices)}")
     if cfg.method == "myow":
-        L = cfg.pool_size if cfg.pool == "fresh" else 2 * cfg.batch_size
+        L = cfg.pool_size if cfg.pool == "fresh" else cfg.batch_size
         # candidates each anchor may ever mine among the training samples, by the mask (App. B)
         every = torch.arange(len(data), device=data.x.device)
         some = every[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:1024].to(data.x.device)]
@@ -736,9 +741,8 @@ def check_config(cfg, data, world):
                               f"of the {len(data)} training samples; lower --k or --min-gap-s")
 
 
-def train(cfg, splits, device, log, rank=0, world=1, state=None):
-    """Algorithm 1. Returns the online model and the last epoch's log record."""
-    data = splits[0]
+def train(cfg, data, device, log, rank=0, world=1, state=None):
+    """Algorithm 1 on the split `data`. Returns the online model and the last epoch's log record."""
     torch.manual_seed(cfg.seed)                                   # same initial theta everywhere
     model, target = build_networks(cfg, data)
     fmt = torch.channels_last if cfg.arch != "mlp" else torch.contiguous_format
@@ -788,48 +792,45 @@ def train(cfg, splits, device, log, rank=0, world=1, state=None):
     t0, step = time.time(), start * steps_per_epoch
     for epoch in range(start, cfg.epochs):
         stats = torch.zeros(5, device=device)     # loss, aug loss, mined loss, same-label, mined
-        first_bad = torch.full((3,), -1.0, device=device)      # step, loss terms of a non-finite loss
         perm = torch.randperm(N, generator=index_gen).to(device)
         for it in range(steps_per_epoch):
             lr = lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
-            tau = tau_at(step, total, cfg.tau)
+            tau = tau_at(step, total, cfg.tau, cfg.tau_final)
             lam = lambda_at(step, cfg.mining_ramp_epochs * steps_per_epoch, cfg.mining_weight)
             for group in opt.param_groups:
                 group["lr"] = lr
             s = perm[it * B + rank * b:it * B + (rank + 1) * b]          # (b,) this rank's anchors
-            if not mining:
-                c = s[:0]
-            elif cfg.pool == "fresh":   # an independent stream of permutations (App. B); L may exceed N
+            fresh = mining and cfg.pool == "fresh"  # else the candidates are the batch's views x'
+            third = mining and cfg.anchor_view == "new"   # else x doubles as the anchor x_m (T_m = T)
+            if fresh:                   # an independent stream of permutations (App. B); L may exceed N
                 pool = torch.cat([torch.randperm(N, generator=index_gen) for _ in range(-(-L // N))])
                 c = pool[rank * l:(rank + 1) * l].to(device)
-            else:                       # the batch's own target views x, x' are the candidates
-                c = torch.cat([s, s])
+            else:
+                c = s
             # Views: x = t(s), x' = t'(s) with t, t' ~ T; x_m = t_m(s), x_c = t_m(c) with t_m ~ T_m.
-            fresh = c if cfg.pool == "fresh" else c[:0]
-            third = mining and cfg.anchor_view == "new"         # else x doubles as x_m (T_m = T)
-            views = data.views(torch.cat([s, s]), cfg)
-            mined = data.views(torch.cat([s[:b if third else 0], fresh]), cfg, mined=True) if mining else views[:0]
-            x, x2 = views[:b], views[b:]
-            x_m, x_c = mined[:b if third else 0], mined[b if third else 0:]
+            x, x2 = data.views(torch.cat([s, s]), cfg).split(b)
+            mined = (data.views(torch.cat([s] * third + [c] * fresh), cfg, mined=True) if third or fresh
+                     else x[:0])
+            x_m, x_c = mined[:b * third], mined[b * third:]
             anchors = (slice(2 * b, 3 * b) if third else slice(0, b)) if mining else None
+            cand = slice(2 * b, None) if fresh else slice(b, 2 * b)       # rows of the candidates
             with autocast:
                 with torch.no_grad():                                      # target network xi
-                    y_t = target_f(torch.cat([x, x2, x_c]))                # (2b + l, D)
+                    y_t = target_f(torch.cat([x, x2, x_c]))                # (2b [+ l], D)
                     z_t = target.g(y_t)
                     u, z2 = z_t[:b], z_t[b:2 * b]                          # u = g(f(x)), z' = g(f(x'))
-                    first = 2 * b if cfg.pool == "fresh" else 0           # where the pool starts
                 y, p, r_v = online(torch.cat([x, x2, x_m]), 2 * b, anchors)
                 loss_aug = (d(p[:b], z2) + d(p[b:], u)).mean()             # d(q(z), z') + d(q(u'), u)
                 loss_mine = torch.zeros((), device=device)
                 if mining:
                     with torch.no_grad():
                         if cfg.mine_in == "target":
-                            y_pool = y_t[first:]                           # (l, D) f_xi(x_c)
+                            y_pool = y_t[cand]                             # (l, D) f_xi(x_c)
                         else:                                              # App. F: online space
-                            y_pool = model.net.f(x_c) if cfg.pool == "fresh" else y[:2 * b]
+                            y_pool = model.net.f(x_c) if fresh else y[cand]
                         c_all = all_gather(c)                              # (L,) global pool
                         y_pool = all_gather(y_pool)                        # (L, D)
-                        v_pool = all_gather(target.mined_space(y_t[first:], z_t[first:]))  # (L, Dv)
+                        v_pool = all_gather(target.mined_space(y_t[cand], z_t[cand]))  # (L, Dv)
                         allowed = data.allowed(s, c_all, cfg)              # (b, L) mask (App. B)
                         j, has = mine(y[anchors], y_pool, allowed, cfg.k)
                     loss_mine = (d(r_v, v_pool[j]) * has).sum() / has.sum().clamp(min=1)
@@ -841,21 +842,18 @@ def train(cfg, splits, device, log, rank=0, world=1, state=None):
             loss.backward()
             opt.step()
             update_target(xi, theta, tau)
-            terms = torch.stack([loss.detach(), loss_aug.detach(), loss_mine.detach()])
-            stats[:3] += terms
-            bad = ~torch.isfinite(terms).all() & (first_bad[0] < 0)
-            first_bad = torch.where(bad, torch.cat([torch.tensor([float(step)], device=device), terms[1:]]), first_bad)
+            stats[:3] += torch.stack([loss.detach(), loss_aug.detach(), loss_mine.detach()])
             step += 1
-        flags = torch.tensor([float(stop["interrupted"]), float(first_bad[0] >= 0)], device=device)
+        interrupted = torch.tensor(float(stop["interrupted"]), device=device)
         if world > 1:                             # every rank stops together; logs cover all ranks
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            dist.all_reduce(interrupted, op=dist.ReduceOp.MAX)
             dist.all_reduce(stats)
             stats[:3] /= world
-        if flags[1]:
-            raise FloatingPointError(f"non-finite loss at step {int(first_bad[0])} (epoch {epoch + 1}): "
-                                     f"augmented-view loss {first_bad[1]:.4g}, mined-view loss "
-                                     f"{first_bad[2]:.4g}; lower --lr. The last good checkpoint is kept.")
         st = (stats / steps_per_epoch).tolist()
+        if not all(map(math.isfinite, st[:3])):   # a NaN or inf anywhere in the epoch stays in its mean
+            raise FloatingPointError(f"non-finite loss in epoch {epoch + 1} (mean loss {st[0]:.4g}: "
+                                     f"augmented-view loss {st[1]:.4g}, mined-view loss {st[2]:.4g}, lambda "
+                                     f"{lam:.4g}); lower --lr. The last good checkpoint is kept.")
         last = {"epoch": epoch + 1, "loss": st[0], "loss_aug": st[1], "loss_mined": st[2] if mining else None,
                 "lr": lr, "tau": tau, "lambda": lam,
                 "mining_class_acc": (100 * stats[3].item() / max(1, stats[4].item())
@@ -865,13 +863,13 @@ def train(cfg, splits, device, log, rank=0, world=1, state=None):
             log(last, print_line=(epoch + 1) % log_every == 0 or epoch + 1 == cfg.epochs,
                 rate=done * steps_per_epoch * B / (time.time() - t0),
                 eta=(time.time() - t0) / done * (cfg.epochs - epoch - 1))
-        if ckpt and (flags[0] or (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs):
+        if ckpt and (interrupted or (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs):
             state = {"model": model.state_dict(), "target": target.state_dict(), "opt": opt.state_dict(),
                      "epoch": epoch + 1, "last": last, "rng": rng_states(index_gen),
                      "config": dataclasses.asdict(cfg)}
             if rank == 0:
                 save_checkpoint(ckpt, state)
-        if flags[0]:
+        if interrupted:
             raise KeyboardInterrupt(f"interrupted after epoch {epoch + 1}"
                                     + (f"; checkpoint written, continue with --resume --out {cfg.out}" if ckpt else ""))
     signal.signal(signal.SIGINT, previous_handler)
@@ -890,7 +888,6 @@ def train_supervised(cfg, splits, device):
     params = list(f.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.sup_weight_decay)
     X, Y = data.inputs(torch.arange(len(data), device=device)), data.labels
-    class_w = class_weights(Y, n_out) if task != "reach" else None
     N, B = len(X), cfg.batch_size
     steps_per_epoch, t0 = N // B, time.time()
     total = cfg.epochs * steps_per_epoch
@@ -900,7 +897,7 @@ def train_supervised(cfg, splits, device):
             step = epoch * steps_per_epoch + it
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
-            loss = decoding_loss(head(f(X[s])), Y[s], task, class_w)
+            loss = decoding_loss(head(f(X[s])), Y[s], task)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -970,13 +967,14 @@ def run(cfg):
     t_start = time.time()
     rank, world, device = setup_distributed(cfg)
     if cfg.dataset in NEURAL:
-        rec, splits, split_idx = load_neural(cfg, device)
+        rec, splits, split_idx, pretrain = load_neural(cfg, device)
         about = f"{len(rec.rates)} bins x {splits[0].x.shape[1]} neurons"
     else:
         rec, splits = None, load_images(cfg, device)
         splits.insert(1, None)                                   # public train/test split, no validation
+        pretrain = splits[0]
         about = f"images {tuple(splits[0].x.shape[1:])}"
-    check_config(cfg, splits[0], world)
+    check_config(cfg, pretrain, world)
     state = prepare_out(cfg, rank)
     if rank == 0:
         print(f"{cfg.dataset}: {about}, splits {[len(s) for s in splits if s]}, {cfg.method} on "
@@ -985,7 +983,7 @@ def run(cfg):
     if cfg.method == "supervised":
         f, last = train_supervised(cfg, splits, device), {"mining_class_acc": None}
     else:
-        model, last = train(cfg, splits, device, make_logger(cfg), rank, world, state)
+        model, last = train(cfg, pretrain, device, make_logger(cfg), rank, world, state)
         f = model.net.f
     train_seconds = time.time() - t0
     if rank != 0:                    # wait for rank 0's evaluation: ranks that leave the process

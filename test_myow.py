@@ -148,6 +148,21 @@ def test_schedule_end_points():
     assert myow.lr_at(550, 1000, 100, 0.02) == pytest.approx(0.01)         # half-way in cosine
     assert myow.lambda_at(0, 10, 1.0) == 0.0 and myow.lambda_at(5, 10, 1.0) == 0.5
     assert myow.lambda_at(10, 10, 1.0) == 1.0 and myow.lambda_at(500, 10, 1.0) == 1.0
+    assert myow.tau_at(500, 1000, 0.98, 0.98) == myow.tau_at(1000, 1000, 0.98, 0.98) == pytest.approx(0.98)
+    assert myow.tau_at(500, 1000, 0.98, 0.99) == pytest.approx(0.985)    # half-way up the cosine
+
+
+def test_pretraining_on_train_and_val_adds_val_samples_never_test():
+    cfg = myow.parse_config(["--pretrain-on", "train+val"])
+    rec, splits, idx, pretrain = myow.load_neural(cfg, torch.device("cpu"))
+    assert len(pretrain) == len(splits[0]) + len(splits[1])
+    assert torch.equal(pretrain.x, torch.cat([splits[0].x, splits[1].x]))  # same inputs, same order
+    assert torch.equal(pretrain.mean, splits[0].mean)                # normalised by train statistics
+    views = pretrain.views(torch.arange(len(pretrain)), cfg)         # jitter stays within its split
+    assert torch.isfinite(views).all()
+    assert not set(idx[2]) & set(np.concatenate(idx[:2]))
+    _, splits, _, pretrain = myow.load_neural(myow.parse_config(["--pretrain-on", "train"]), torch.device("cpu"))
+    assert pretrain is splits[0]
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -288,8 +303,8 @@ cfg = myow.parse_config(["--epochs", "3", "--warmup-epochs", "300", "--dropout-m
                          "--pepper-p", "0", "--jitter-s", "0", "--k", "1", "--batch-size", "1024",
                          "--pool-size", "1024"])
 rank, world, device = myow.setup_distributed(cfg)
-rec, splits, _ = myow.load_neural(cfg, device)
-model, _ = myow.train(cfg, splits, device, lambda *a, **k: None, rank, world)
+rec, splits, _, _ = myow.load_neural(cfg, device)
+model, _ = myow.train(cfg, splits[0], device, lambda *a, **k: None, rank, world)
 grad = torch.cat([p.grad.flatten() for p in model.parameters()])      # the last step's gradient
 pool = myow.all_gather(torch.arange(3) + 10 * rank)
 torch.save(dict(params=model.state_dict(), grad=grad, pool=pool), os.path.join({out!r}, f"w{{world}}r{{rank}}.pt"))
@@ -395,7 +410,7 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     schedule = myow.lambda_at
     monkeypatch.setattr(myow, "lambda_at", lambda step, *a: float("nan") if step >= 9 else schedule(step, *a))
-    with pytest.raises(SystemExit, match="non-finite loss at step 9 .*mined-view loss"):
+    with pytest.raises(SystemExit, match="non-finite loss in epoch 5 .*mined-view loss .*lambda nan"):
         myow.main(["--epochs", "10", "--ckpt-every", "1", "--out", str(tmp_path)])
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 4   # 2 steps/epoch
 
@@ -433,8 +448,9 @@ def test_bad_inputs_each_get_one_clear_line(tmp_path):
     (tmp_path / "fr_bins_n_4full.npy").write_bytes(b"not the published file")
     one_line_error(run_cli("--dataset", "mouse", "--data-dir", str(tmp_path)), "SHA-256", "delete it")
     one_line_error(run_cli("--k", "5000", "--epochs", "1"), "--k 5000", "eligible pool")
-    one_line_error(run_cli("--batch-size", "100000", "--epochs", "1"), "larger than", "--batch-size 1177")
+    one_line_error(run_cli("--batch-size", "100000", "--epochs", "1"), "larger than", "--batch-size 1348")
     one_line_error(run_cli("--noise-p", "1.5", "--epochs", "1"), "--noise-p is 1.5", "[0, 1]")
+    one_line_error(run_cli("--dataset", "shapes", "--pretrain-on", "train+val"), "--pretrain-on 'train+val'", "train")
     rates = np.random.default_rng(0).poisson(5, (400, 10)).astype(np.float32)
     rates[17, 3] = np.nan
     np.savez(tmp_path / "nan.npz", firing_rates=rates, time=np.arange(400.0))
@@ -562,7 +578,7 @@ def test_image_step_runs_for_both_methods(method):
                              "--pool-size", "32"])
     splits = myow.load_images(cfg, torch.device("cpu"))
     splits[0] = myow.ImageSplit(splits[0].x[:64], splits[0].labels[:64], splits[0].mean, splits[0].std, 32)
-    model, last = myow.train(cfg, splits, torch.device("cpu"), lambda *a, **k: None)
+    model, last = myow.train(cfg, splits[0], torch.device("cpu"), lambda *a, **k: None)
     assert (last["mining_class_acc"] is None) == (method == "byol") and math.isfinite(last["loss"])
 
 
