@@ -766,6 +766,10 @@ def train(cfg, data, device, log, rank=0, world=1, state=None):
     N, B, L = len(data), cfg.batch_size, cfg.pool_size
     b, l = B // world, L // world                               # this rank's share
     mining = cfg.method == "myow"
+    fresh = mining and cfg.pool == "fresh"          # else the candidates are the batch's views x'
+    third = mining and cfg.anchor_view == "new"     # else x doubles as the anchor x_m (T_m = T)
+    anchors = (slice(2 * b, 3 * b) if third else slice(0, b)) if mining else None   # online rows
+    cand = slice(2 * b, None) if fresh else slice(b, 2 * b)          # target rows of the candidates
     steps_per_epoch = N // B                                               # full batches only
     total = cfg.epochs * steps_per_epoch
     log_every = cfg.log_every or max(1, cfg.epochs // 20)
@@ -801,8 +805,6 @@ def train(cfg, data, device, log, rank=0, world=1, state=None):
             for group in opt.param_groups:
                 group["lr"] = lr
             s = perm[it * B + rank * b:it * B + (rank + 1) * b]          # (b,) this rank's anchors
-            fresh = mining and cfg.pool == "fresh"  # else the candidates are the batch's views x'
-            third = mining and cfg.anchor_view == "new"   # else x doubles as the anchor x_m (T_m = T)
             if fresh:                   # an independent stream of permutations (App. B); L may exceed N
                 pool = torch.cat([torch.randperm(N, generator=index_gen) for _ in range(-(-L // N))])
                 c = pool[rank * l:(rank + 1) * l].to(device)
@@ -813,8 +815,6 @@ def train(cfg, data, device, log, rank=0, world=1, state=None):
             mined = (data.views(torch.cat([s] * third + [c] * fresh), cfg, mined=True) if third or fresh
                      else x[:0])
             x_m, x_c = mined[:b * third], mined[b * third:]
-            anchors = (slice(2 * b, 3 * b) if third else slice(0, b)) if mining else None
-            cand = slice(2 * b, None) if fresh else slice(b, 2 * b)       # rows of the candidates
             with autocast:
                 with torch.no_grad():                                      # target network xi
                     y_t = target_f(torch.cat([x, x2, x_c]))                # (2b [+ l], D)
