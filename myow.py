@@ -180,11 +180,11 @@ class NeuralSplit:
     def __init__(self, rec, idx, keep, mean, std, cfg, device):
         self.x = torch.as_tensor(rec.rates[idx][:, keep], device=device)          # (N, D) Hz
         self.mean, self.std = mean.to(device), std.to(device)                   # (D,) train stats
-        self.trial = torch.as_tensor(rec.trial[idx], device=device)             # (N,)
-        self.time = torch.as_tensor(rec.time[idx], dtype=torch.float32, device=device)  # (N,) s
         self.labels = None if rec.labels is None else torch.as_tensor(rec.labels[idx], device=device)
         self.task = rec.task
         lo, hi = neural_data.jitter_bounds(rec.trial[idx], rec.time[idx], cfg.jitter_s)
+        self.axis = torch.as_tensor(neural_data.trial_axis(rec.trial[idx], rec.time[idx], cfg.min_gap_s),
+                                    dtype=torch.float32, device=device)  # (N,) for the mask
         self.jitter_lo = torch.as_tensor(lo, device=device)
         self.jitter_n = torch.as_tensor(hi - lo + 1, device=device)          # samples in window
 
@@ -198,7 +198,7 @@ class NeuralSplit:
         return augment_neural(self, idx, cfg)
 
     def allowed(self, s, c, cfg):                              # (B, L) mining mask (App. B)
-        return neural_data.mining_mask(self.trial[s], self.time[s], self.trial[c], self.time[c], cfg.min_gap_s)
+        return neural_data.mining_mask(self.axis[s], self.axis[c], cfg.min_gap_s)
 
 
 def augment_neural(data, idx, cfg):
@@ -209,12 +209,11 @@ def augment_neural(data, idx, cfg):
     j = data.jitter_lo[idx] + (torch.rand(n, device=dev) * data.jitter_n[idx]).long()
     x = data.x[j]                                                                 # (n, D) Hz
     p_drop = torch.rand(n, 1, device=dev) * cfg.dropout_max                      # rate per sample
-    x.mul_(torch.rand(n, D, device=dev) >= p_drop)
+    x.mul_(torch.rand(n, D, device=dev).ge_(p_drop))        # in-place 0/1: no bool (n, D) tensor
     noisy = torch.nonzero(torch.rand(n, device=dev) < cfg.noise_p)[:, 0]         # rows with noise
     x.index_add_(0, noisy, torch.randn(len(noisy), D, device=dev), alpha=cfg.noise_std)
     pep = torch.nonzero(torch.rand(n, device=dev) < cfg.pepper_p)[:, 0]          # rows with pepper
-    x.index_add_(0, pep, (torch.rand(len(pep), D, device=dev) < cfg.pepper_rate).float(),
-                 alpha=cfg.pepper_value)
+    x.index_add_(0, pep, torch.rand(len(pep), D, device=dev).lt_(cfg.pepper_rate), alpha=cfg.pepper_value)
     return x.sub_(data.mean).div_(data.std)
 
 
@@ -264,7 +263,7 @@ class ImageSplit:
         return augment_images(self, idx, cfg, mined)
 
     def allowed(self, s, c, cfg):                              # images need no mask (App. B), but a
-        return s[:, None] != c[None, :]                        # sample is not its own mined view
+        return (s[:, None] != c[None, :]).float()              # sample is not its own mined view
 
 
 def crop_flip_params(n, area, flip_p, device):
@@ -396,8 +395,9 @@ def load_tiny_imagenet(base):
 
 
 def mlp(i, h, o):
-    """MLP(i, h, o) of Appendix C: Linear, BatchNorm, ReLU, Linear."""
-    return nn.Sequential(nn.Linear(i, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Linear(h, o))
+    """MLP(i, h, o) of Appendix C: Linear, BatchNorm, ReLU, Linear. A Linear followed by BatchNorm
+    needs no bias (BatchNorm subtracts it again); leaving it out saves a copy and a sum per step."""
+    return nn.Sequential(nn.Linear(i, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Linear(h, o))
 
 
 def neural_encoder(n_in, hidden, rep_dim, blocks=4, dropout=0.0):
@@ -405,7 +405,7 @@ def neural_encoder(n_in, hidden, rep_dim, blocks=4, dropout=0.0):
     dropout > 0 only for the supervised baseline (sec. 3.3)."""
     layers, width = [], n_in
     for _ in range(blocks):
-        layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
         layers += [nn.Dropout(dropout)] if dropout else []
         width = hidden
     return nn.Sequential(*layers, nn.Linear(width, rep_dim))
@@ -492,16 +492,17 @@ def d(p, z):
 def mine(y_anchor, y_pool, allowed, k):
     """Section 2.2 / Algorithm 1 'Find N_k(y_m) in S, randomly select y'_m': for each anchor, the
     k candidates of highest cosine similarity among those `allowed`, and one of them uniformly.
-    y_anchor (B, D), y_pool (L, D), allowed (B, L) bool. Returns the chosen pool index (B,) and
-    whether the anchor had any allowed candidate (B,); an anchor with fewer than k allowed
-    candidates chooses among those it has, and one with none gets no mined view."""
-    # the anchor's own norm scales its whole row, so normalising the candidates is enough to rank
-    sim = y_anchor.float() @ F.normalize(y_pool.float(), dim=1).T                    # (B, L)
-    sim = sim.masked_fill(~allowed, -math.inf)
+    y_anchor (B, D), y_pool (L, D), allowed (B, L) 1/0 (or bool). Returns the chosen pool index
+    (B,) and 1.0 where the anchor had an allowed candidate, else 0.0 (B,): an anchor with fewer
+    than k allowed candidates chooses among those it has, and one with none gets no mined view."""
+    with torch.autocast(y_anchor.device.type, enabled=False):      # rank in float32, also on GPU
+        # cosine similarities lie in [-1, 1]: + 3 for the allowed ones ranks them above all others
+        sim = torch.addmm(allowed.float(), F.normalize(y_anchor.float(), dim=1),
+                          F.normalize(y_pool.float(), dim=1).T, beta=3)                # (B, L)
     top_sim, top_idx = sim.topk(k, dim=1)                                           # (B, k)
-    eligible = top_sim > -math.inf
-    pick = torch.rand(eligible.shape, device=sim.device).masked_fill(~eligible, -1).argmax(1)
-    return top_idx.gather(1, pick[:, None])[:, 0], eligible.any(1)
+    eligible = top_sim.gt_(1.5)                                    # 1/0, ones first (sorted)
+    pick = (torch.rand(len(sim), device=sim.device) * eligible.sum(1)).long()   # uniform rank
+    return top_idx.gather(1, pick[:, None])[:, 0], eligible[:, 0]
 
 
 def ema_tensors(net):
@@ -705,6 +706,11 @@ def load_checkpoint(path, cfg):
 # =============================================================================================
 
 
+def pool_size(cfg):
+    """L, the candidates per step: --pool-size fresh ones, or the batch's own views (L = B)."""
+    return cfg.pool_size if cfg.pool == "fresh" else cfg.batch_size
+
+
 def check_config(cfg, data, world):
     if cfg.method not in ("myow", "byol", "supervised"):
         raise ConfigError(f"--method {cfg.method!r} is not known; choose myow, byol or supervised")
@@ -716,8 +722,8 @@ def check_config(cfg, data, world):
     if cfg.batch_size > len(data):
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} samples of "
                           f"{cfg.dataset} that training sees; use --batch-size {len(data)} or less")
-    if cfg.batch_size % world or cfg.pool_size % world:
-        raise ConfigError(f"--batch-size {cfg.batch_size} and --pool-size {cfg.pool_size} are global "
+    if cfg.batch_size % world or (cfg.method == "myow" and pool_size(cfg) % world):
+        raise ConfigError(f"--batch-size {cfg.batch_size} and the pool (L = {pool_size(cfg)}) are global "
                           f"and must divide by the {world} processes")
     for name in ("noise_p", "pepper_p", "pepper_rate", "dropout_max", "color_p", "gray_p", "flip_p"):
         if not 0 <= getattr(cfg, name) <= 1:
@@ -731,7 +737,7 @@ def check_config(cfg, data, world):
         if getattr(cfg, name) not in choices:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose {' or '.join(choices)}")
     if cfg.method == "myow":
-        L = cfg.pool_size if cfg.pool == "fresh" else cfg.batch_size
+        L = pool_size(cfg)
         # candidates each anchor may ever mine among the training samples, by the mask (App. B)
         every = torch.arange(len(data), device=data.x.device)
         some = every[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:1024].to(data.x.device)]
@@ -763,7 +769,7 @@ def train(cfg, data, device, log, rank=0, world=1, state=None):
     else:                                                                               # App. D
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-    N, B, L = len(data), cfg.batch_size, cfg.pool_size
+    N, B, L = len(data), cfg.batch_size, pool_size(cfg)
     b, l = B // world, L // world                               # this rank's share
     mining = cfg.method == "myow"
     fresh = mining and cfg.pool == "fresh"          # else the candidates are the batch's views x'
@@ -834,10 +840,11 @@ def train(cfg, data, device, log, rank=0, world=1, state=None):
                         v_pool = all_gather(target.mined_space(y_t[cand], z_t[cand]))  # (L, Dv)
                         allowed = data.allowed(s, c_all, cfg)              # (b, L) mask (App. B)
                         j, has = mine(y[anchors], y_pool, allowed, cfg.k)
-                    loss_mine = (d(r_v, v_pool[j]) * has).sum() / has.sum().clamp(min=1)
-                    if data.labels is not None:
-                        stats[3] += ((data.labels[s] == data.labels[c_all[j]]) & has).sum()   # no sync
-                    stats[4] += has.sum()
+                    n_mined = has.sum()                                    # anchors with a mined view
+                    loss_mine = (d(r_v, v_pool[j]) * has).sum() / n_mined.clamp(min=1)
+                    if data.labels is not None:                            # no host sync
+                        stats[3] += ((data.labels[s] == data.labels[c_all[j]]) * has).sum()
+                    stats[4] += n_mined
                 loss = loss_aug + lam * loss_mine
             opt.zero_grad(set_to_none=True)
             loss.backward()

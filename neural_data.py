@@ -11,6 +11,7 @@ they are read with a restricted unpickler that admits only the handful of names 
 """
 import hashlib
 import io
+import math
 import os
 import pickle
 import shutil
@@ -65,26 +66,30 @@ def temporal_split(trial, fractions=(0.7, 0.1, 0.2)):
     return tuple(np.flatnonzero(np.isin(groups, p)) for p in parts)
 
 
+def trial_axis(trial, time, gap):
+    """Each sample's position (s) on one time axis on which consecutive trials lie more than `gap`
+    seconds apart, so "same trial and less than gap apart" becomes |a - b| < gap. gap = inf: the
+    trial's rank, so "same trial" becomes |a - b| < 1. Samples in recording order, trials contiguous."""
+    rank = np.r_[0, np.cumsum(np.diff(trial) != 0)]              # trial's position in the recording
+    if np.isinf(gap):
+        return rank.astype(float)
+    return rank * (float(time.max() - time.min()) + gap + 1.0) + (time - time.min())
+
+
 def jitter_bounds(trial, time, window):
     """For each sample, the index range [lo, hi] of samples in the same trial at most `window`
     seconds away (temporal jitter, Appendix D/J). Samples in recording order, trials contiguous."""
-    rank = np.r_[0, np.cumsum(np.diff(trial) != 0)]              # trial's position in the recording
-    span = float(time.max() - time.min()) + 2 * window + 1.0
-    key = rank * span + (time - time.min())       # increasing; trials never overlap
+    key = trial_axis(trial, time, window)                        # increasing
     lo = np.searchsorted(key, key - window, side="left")
     hi = np.searchsorted(key, key + window, side="right") - 1
     return lo, hi
 
 
-def mining_mask(trial_a, time_a, trial_c, time_c, min_gap):
-    """(B, L) True where candidate c may be mined for anchor a (Appendix B): a different trial,
-    or the same trial but at least `min_gap` seconds away. min_gap = inf: other trials only.
-    Works on numpy arrays and torch tensors alike."""
-    other_trial = trial_a[:, None] != trial_c[None, :]
-    if min_gap == float("inf"):
-        return other_trial
-    far = (time_a[:, None] - time_c[None, :]).abs_() >= min_gap
-    return other_trial | far
+def mining_mask(axis_a, axis_c, min_gap):
+    """(B, L) 1.0 where candidate c may be mined for anchor a, else 0.0 (Appendix B): another
+    trial, or the same trial at least `min_gap` seconds away; axis from `trial_axis`. One
+    comparison of floats, written in place: a boolean (B, L) tensor costs several times more on CPU."""
+    return (axis_a[:, None] - axis_c[None, :]).abs_().ge_(1.0 if math.isinf(min_gap) else min_gap)
 
 
 # ---------------------------------------------------------------------------------------------

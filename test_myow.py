@@ -72,8 +72,8 @@ def test_mining_never_picks_masked_and_picks_among_true_k_nearest():
     allowed[1, [3, 17]] = True                # fewer than k candidates
     sim = torch.nn.functional.cosine_similarity(ya[:, None], yp[None], dim=-1).numpy()
     seen = [set() for _ in range(B)]
-    for _ in range(200):
-        j, has = myow.mine(ya, yp, allowed, k)
+    for it in range(200):                     # the training loop passes 1/0 floats, users may pass bools
+        j, has = myow.mine(ya, yp, allowed.float() if it % 2 else allowed, k)
         assert not has[0] and has[1:].all()
         for i in range(1, B):
             ok = np.flatnonzero(allowed[i].numpy())
@@ -84,14 +84,14 @@ def test_mining_never_picks_masked_and_picks_among_true_k_nearest():
     assert all(len(seen[i]) == min(k, int(allowed[i].sum())) for i in range(2, B))   # uniform pick
 
 
-def test_mining_mask_trials_and_time_gap():
-    trial = torch.tensor([0, 0, 1, 1, 2])
-    t = torch.tensor([0.0, 0.1, 0.0, 0.1, 0.0])
-    m = nd.mining_mask(trial, t, trial, t, math.inf)
-    assert (m == (trial[:, None] != trial[None])).all()           # reach: other trials only
-    t2 = torch.arange(5) * 1000.0
-    m2 = nd.mining_mask(torch.zeros(5), t2, torch.zeros(5), t2, 1800.0)  # sleep: >= 30 min away
-    assert (m2 == (abs(t2[:, None] - t2[None]) >= 1800)).all() and not m2.diagonal().any()
+def test_mining_mask_is_another_trial_or_far_enough_in_time():
+    trial = np.repeat(np.arange(7), 40)
+    t = np.tile(np.arange(40) * 100.0, 7)                           # 0 .. 3900 s in every trial
+    for gap in (math.inf, 1800.0, 250.0):                           # reach (App. D.1), sleep (D.2)
+        axis = torch.as_tensor(nd.trial_axis(trial, t, gap), dtype=torch.float32)
+        m = nd.mining_mask(axis, axis, gap)
+        truth = (trial[:, None] != trial[None]) | (np.abs(t[:, None] - t[None]) >= gap)
+        assert set(m.unique().tolist()) == {0.0, 1.0} and np.array_equal(m.numpy() == 1, truth)
 
 
 # --- augmentations (Appendix D.1, J) ----------------------------------------------------------
