@@ -533,6 +533,45 @@ def lambda_at(step, ramp, weight):
     return weight * min(1.0, step / ramp) if ramp > 0 else weight
 
 
+class AdamW:
+    """torch.optim.AdamW's update (decoupled weight decay; betas 0.9, 0.999, eps 1e-8), written
+    out with foreach ops: torch.optim imports torch._dynamo when first used, one second of a
+    ten-second CPU run. The loop sets the lr in param_groups[0]["lr"], as with torch.optim."""
+
+    def __init__(self, params, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+        self.params, self.param_groups = list(params), [{"lr": lr}]
+        self.weight_decay, self.betas, self.eps, self.t = weight_decay, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in self.params]            # first moments
+        self.v = [torch.zeros_like(p) for p in self.params]            # second moments
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        lr, (b1, b2) = self.param_groups[0]["lr"], self.betas
+        self.t += 1
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]   # BYOL leaves r idle
+        p, g = [self.params[i] for i in live], [self.params[i].grad for i in live]
+        m, v = [self.m[i] for i in live], [self.v[i] for i in live]
+        torch._foreach_mul_(p, 1 - lr * self.weight_decay)
+        torch._foreach_lerp_(m, g, 1 - b1)                                      # m <- b1 m + (1 - b1) g
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, g, g, 1 - b2)                                # v <- b2 v + (1 - b2) g^2
+        c1, c2 = 1 - b1 ** self.t, math.sqrt(1 - b2 ** self.t)                  # bias corrections
+        denom = torch._foreach_add(torch._foreach_sqrt(v), self.eps * c2)       # c2 (sqrt(v / c2^2) + eps)
+        torch._foreach_addcdiv_(p, m, denom, -lr * c2 / c1)                     # p -= lr (m / c1) / (...)
+
+    def state_dict(self):
+        return {"t": self.t, "m": self.m, "v": self.v}
+
+    def load_state_dict(self, state):
+        self.t = state["t"]
+        torch._foreach_copy_(self.m, state["m"])
+        torch._foreach_copy_(self.v, state["v"])
+
+
 # =============================================================================================
 # Linear evaluation (Appendix D): all weight decays of the sweep trained at once
 # =============================================================================================
@@ -596,10 +635,10 @@ def linear_eval(feats, labels, task, cfg):
     W.requires_grad_(), bias.requires_grad_()
     milestones = [int(v) for v in cfg.eval_milestones.split(",") if v]
     opt = (torch.optim.SGD([W, bias], lr=cfg.eval_lr, momentum=0.9) if milestones   # App. C
-           else torch.optim.Adam([W, bias], lr=cfg.eval_lr))                          # App. D
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1)
+           else AdamW([W, bias], lr=cfg.eval_lr, weight_decay=0.0))   # App. D; decay per readout below
     X, Y = feats[0], labels[0]
-    for _ in range(cfg.eval_epochs):
+    for epoch in range(cfg.eval_epochs):
+        opt.param_groups[0]["lr"] = cfg.eval_lr * 0.1 ** sum(epoch >= m for m in milestones)
         for i in torch.randperm(len(X), generator=g, device=X.device).split(cfg.eval_batch_size):
             out = X[i] @ W + bias                                  # (S, b, O)
             loss = decoding_loss(out, Y[i], task).sum()            # readouts are independent
@@ -609,7 +648,6 @@ def linear_eval(feats, labels, task, cfg):
                 W.mul_(1 - cfg.eval_lr * wd[:, None, None])
                 bias.mul_(1 - cfg.eval_lr * wd[:, None, None])
             opt.step()
-        sched.step()
     with torch.no_grad():
         val = scores(feats[1] @ W + bias, labels[1], task, n_classes) if feats[1] is not None else {}
         test = scores(feats[2] @ W + bias, labels[2], task, n_classes)
@@ -767,7 +805,7 @@ def train(cfg, data, device, log, rank=0, world=1, state=None):
     if cfg.optimizer == "sgd":                                                          # App. C
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:                                                                               # App. D
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        opt = AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     N, B, L = len(data), cfg.batch_size, pool_size(cfg)
     b, l = B // world, L // world                               # this rank's share
@@ -894,7 +932,7 @@ def train_supervised(cfg, splits, device):
     f = neural_encoder(data.x.shape[1], cfg.hidden, cfg.rep_dim, dropout=cfg.sup_dropout).to(device)
     head = nn.Linear(cfg.rep_dim, n_out).to(device)
     params = list(f.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.sup_weight_decay)
+    opt = AdamW(params, lr=cfg.lr, weight_decay=cfg.sup_weight_decay)
     X, Y = data.inputs(torch.arange(len(data), device=device)), data.labels
     N, B = len(X), cfg.batch_size
     steps_per_epoch, t0 = N // B, time.time()

@@ -1,4 +1,5 @@
 """Properties of MYOW that fail when the method is wrong. Run: python -m pytest -q test_myow.py"""
+import copy
 import json
 import math
 import os
@@ -59,6 +60,23 @@ def test_target_starts_equal_and_follows_eq2():
     for new, old, th in zip(xi, before, theta):
         torch.testing.assert_close(new, tau * old + (1 - tau) * th, rtol=0, atol=1e-6)
     assert len(xi) == len(list(target.parameters())) + 2 * 4           # + BN running mean/var
+
+
+def test_adamw_matches_torch_optim():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(5, 3), torch.nn.Linear(3, 2)
+    a2, b2 = copy.deepcopy(a), copy.deepcopy(b)
+    ours = myow.AdamW(list(a.parameters()) + list(b.parameters()), lr=0.1, weight_decay=0.3)
+    ref = torch.optim.AdamW(list(a2.parameters()) + list(b2.parameters()), lr=0.1, weight_decay=0.3)
+    for step in range(6):
+        x = torch.randn(4, 5)
+        for net, opt, lr in ((a, ours, 0.1 / (step + 1)), (a2, ref, 0.1 / (step + 1))):
+            opt.param_groups[0]["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            net(x).square().sum().backward()                  # b gets no gradient: left alone
+            opt.step()
+    for p, q in zip(list(a.parameters()) + list(b.parameters()), list(a2.parameters()) + list(b2.parameters())):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 # --- mining (section 2.2, Appendix B) ---------------------------------------------------------
