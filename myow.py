@@ -492,13 +492,14 @@ def d(p, z):
 def mine(y_anchor, y_pool, allowed, k):
     """Section 2.2 / Algorithm 1 'Find N_k(y_m) in S, randomly select y'_m': for each anchor, the
     k candidates of highest cosine similarity among those `allowed`, and one of them uniformly.
-    y_anchor (B, D), y_pool (L, D), allowed (B, L) 1/0 (or bool). Returns the chosen pool index
+    y_anchor (B, D), y_pool (L, D), allowed (B, L) bools, or 1/0 floats that are overwritten (they
+    become the similarity matrix: one (B, L) tensor less to write). Returns the chosen pool index
     (B,) and 1.0 where the anchor had an allowed candidate, else 0.0 (B,): an anchor with fewer
     than k allowed candidates chooses among those it has, and one with none gets no mined view."""
     with torch.autocast(y_anchor.device.type, enabled=False):      # rank in float32, also on GPU
         # cosine similarities lie in [-1, 1]: + 3 for the allowed ones ranks them above all others
-        sim = torch.addmm(allowed.float(), F.normalize(y_anchor.float(), dim=1),
-                          F.normalize(y_pool.float(), dim=1).T, beta=3)                # (B, L)
+        sim = allowed.float().addmm_(F.normalize(y_anchor.float(), dim=1),
+                                     F.normalize(y_pool.float(), dim=1).T, beta=3)     # (B, L)
     top_sim, top_idx = sim.topk(k, dim=1)                                           # (B, k)
     eligible = top_sim.gt_(1.5)                                    # 1/0, ones first (sorted)
     pick = (torch.rand(len(sim), device=sim.device) * eligible.sum(1)).long()   # uniform rank
