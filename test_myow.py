@@ -70,10 +70,10 @@ def test_adamw_matches_torch_optim():
     ref = torch.optim.AdamW(list(a2.parameters()) + list(b2.parameters()), lr=0.1, weight_decay=0.3)
     for step in range(6):
         x = torch.randn(4, 5)
-        for net, opt, lr in ((a, ours, 0.1 / (step + 1)), (a2, ref, 0.1 / (step + 1))):
-            opt.param_groups[0]["lr"] = lr
+        for f, g, opt in ((a, b, ours), (a2, b2, ref)):
+            opt.param_groups[0]["lr"] = 0.1 / (step + 1)
             opt.zero_grad(set_to_none=True)
-            net(x).square().sum().backward()                  # b gets no gradient: left alone
+            g(f(x)).square().sum().backward()
             opt.step()
     for p, q in zip(list(a.parameters()) + list(b.parameters()), list(a2.parameters()) + list(b2.parameters())):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
