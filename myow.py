@@ -132,8 +132,8 @@ class Config:
 
 # Per-dataset defaults in one table; a flag given on the command line always wins.
 MONKEY = {}                                     # Appendix D.1 = Config defaults (README "Choices")
-IMAGES = dict(optimizer="sgd", lr=0.03, weight_decay=5e-4, warmup_epochs=10, tau=0.996, tau_final=1.0, epochs=800,
-              pool="fresh", anchor_view="new", pretrain_on="train", pool_size=512, k=1,
+IMAGES = dict(optimizer="sgd", lr=0.03, weight_decay=5e-4, warmup_epochs=10, tau=0.996, tau_final=1.0,
+              epochs=800, pool="fresh", anchor_view="new", pretrain_on="train", pool_size=512, k=1,
               mining_weight=0.1, arch="resnet18", proj_hidden=4096, ckpt_every=10, pred_hidden=4096,
               eval_epochs=200, eval_lr=0.4, eval_milestones="140,190", eval_wd_exponents="")  # App. B, C
 SMALL = dict(IMAGES, arch="convnet", epochs=15, batch_size=256, pool_size=256, proj_hidden=512,

@@ -170,6 +170,17 @@ def test_schedule_end_points():
     assert myow.tau_at(500, 1000, 0.98, 0.99) == pytest.approx(0.985)    # half-way up the cosine
 
 
+def test_tau_schedule_per_domain():
+    """Neural presets keep tau at its base value (README "Choices"); images raise it to 1 (App. C)."""
+    for dataset in ("chewie1", "mouse", "synthetic"):
+        cfg = myow.parse_config(["--dataset", dataset])
+        assert myow.tau_at(1000, 1000, cfg.tau, cfg.tau_final) == pytest.approx(cfg.tau) == pytest.approx(0.98)
+    for dataset in ("cifar10", "shapes"):
+        cfg = myow.parse_config(["--dataset", dataset])
+        assert myow.tau_at(0, 1000, cfg.tau, cfg.tau_final) == pytest.approx(0.996)
+        assert myow.tau_at(1000, 1000, cfg.tau, cfg.tau_final) == pytest.approx(1.0)
+
+
 def test_pretraining_on_train_and_val_adds_val_samples_never_test():
     cfg = myow.parse_config(["--pretrain-on", "train+val"])
     rec, splits, idx, pretrain = myow.load_neural(cfg, torch.device("cpu"))
