@@ -70,8 +70,8 @@ class Config:
     weight_decay: float = arg(2e-5, "weight decay (App. D: 2e-5; App. C: 5e-4)")
     warmup_epochs: int = arg(100, "linear lr warm-up, then cosine decay to 0 (App. D: 100)")
     tau: float = arg(0.98, "tau, EMA momentum at step 0 (App. D: 0.98)")
-    tau_final: float = arg(0.98, "tau at the last step, reached along a cosine (App. C, D: 1). Neural: "
-                                 "0.98, constant, as the authors' code; on Chewie-1 +1.8 Acc (README)")
+    tau_schedule: str = arg("constant", "constant: tau throughout (the authors' neural code; on Chewie-1 "
+                                        "+1.8 Acc, README); cosine: from tau up to 1 (App. C, D)")
     pretrain_on: str = arg("train+val", "samples of self-supervised training: train+val (the validation "
                                         "labels are never used; as the authors' code) or train")
     # -- mining (section 2.2, Appendix B) --
@@ -132,10 +132,10 @@ class Config:
 
 # Per-dataset defaults in one table; a flag given on the command line always wins.
 MONKEY = {}                                     # Appendix D.1 = Config defaults (README "Choices")
-IMAGES = dict(optimizer="sgd", lr=0.03, weight_decay=5e-4, warmup_epochs=10, tau=0.996, tau_final=1.0,
-              epochs=800, pool="fresh", anchor_view="new", pretrain_on="train", pool_size=512, k=1,
-              mining_weight=0.1, arch="resnet18", proj_hidden=4096, ckpt_every=10, pred_hidden=4096,
-              eval_epochs=200, eval_lr=0.4, eval_milestones="140,190", eval_wd_exponents="")  # App. B, C
+IMAGES = dict(optimizer="sgd", lr=0.03, weight_decay=5e-4, warmup_epochs=10, tau=0.996,
+              tau_schedule="cosine", epochs=800, pool="fresh", anchor_view="new", pretrain_on="train",
+              pool_size=512, k=1, mining_weight=0.1, arch="resnet18", proj_hidden=4096, pred_hidden=4096,
+              ckpt_every=10, eval_epochs=200, eval_lr=0.4, eval_milestones="140,190", eval_wd_exponents="")  # App. B, C
 SMALL = dict(IMAGES, arch="convnet", epochs=15, batch_size=256, pool_size=256, proj_hidden=512,
              proj_dim=64, pred_hidden=512, warmup_epochs=2, eval_epochs=30, eval_milestones="20,27")
 PRESETS = {
@@ -772,6 +772,7 @@ def check_config(cfg, data, world):
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}; a probability "
                               f"must lie in [0, 1]")
     for name, choices in (("pool", ("fresh", "batch")), ("mine_in", ("target", "online")),
+                          ("tau_schedule", ("constant", "cosine")),
                           ("anchor_view", ("new", "shared")), ("optimizer", ("adamw", "sgd")),
                           ("pretrain_on", ("train+val", "train") if cfg.dataset in NEURAL else ("train",)),
                           ("layout", ("cascaded", "parallel", "single")),
@@ -846,7 +847,7 @@ def train(cfg, data, device, log, rank=0, world=1, state=None):
         perm = torch.randperm(N, generator=index_gen).to(device)
         for it in range(steps_per_epoch):
             lr = lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
-            tau = tau_at(step, total, cfg.tau, cfg.tau_final)
+            tau = tau_at(step, total, cfg.tau, 1.0 if cfg.tau_schedule == "cosine" else cfg.tau)
             lam = lambda_at(step, cfg.mining_ramp_epochs * steps_per_epoch, cfg.mining_weight)
             for group in opt.param_groups:
                 group["lr"] = lr
