@@ -50,7 +50,8 @@ def arg(default, help):
 @dataclass
 class Config:
     dataset: str = arg("synthetic", "neural: synthetic | chewie1 | chewie2 | mihi1 | mouse | npz; images: "
-                                    "shapes | cifar10 | cifar100 | mnist | tiny-imagenet | random32")
+                                    "shapes | cifar10 | cifar100 | mnist | fashion-mnist | tiny-imagenet | "
+                                    "random32")
     data_dir: str = arg("data", "folder holding the published files (downloaded there if missing)")
     download: bool = arg(False, "images: let torchvision download the data set into --data-dir")
     data_file: str = arg("", "with --dataset npz: your recording (see README)")
@@ -126,6 +127,8 @@ class Config:
     # -- run --
     device: str = arg("auto", "auto (cuda if available), cpu or cuda")
     compile: bool = arg(False, "torch.compile the online and target networks")
+    precision: str = arg("auto", "bf16 (autocast on CUDA) or fp32; auto: bf16 for image encoders on CUDA, "
+                                 "fp32 for the MLP (README: neural data on a GPU)")
     log_every: int = arg(0, "print progress every this many epochs (0: about 20 lines a run)")
     save_embeddings: bool = arg(False, "write --out/embeddings.tsv + metadata.tsv (TensorBoard projector)")
 
@@ -145,6 +148,7 @@ PRESETS = {
     "cifar10": IMAGES, "cifar100": IMAGES, "mnist": IMAGES, "random32": IMAGES,
     "tiny-imagenet": dict(IMAGES, image_size=64),
     "shapes": SMALL,                                              # CPU-sized, App. I-style shapes
+    "fashion-mnist": SMALL,
 }
 NEURAL = {"synthetic", "chewie1", "chewie2", "mihi1", "mouse", "npz"}
 
@@ -241,7 +245,6 @@ CIFAR20 = [4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11, 6, 
            15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5, 5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4,
            17, 4, 2, 0, 17, 4, 18, 17, 10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13,
            15, 13, 16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13]  # fine -> coarse
-YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
 
 class ImageSplit:
@@ -285,29 +288,43 @@ def crop_flip_params(n, area, flip_p, device):
 
 
 def gray(x):
-    """Luminance (n, 1, H, W) of RGB images; single-channel images are their own."""
-    return x if x.shape[1] == 1 else (x * YIQ[0].to(x)[:, None, None]).sum(1, keepdim=True)
+    """Luminance (n, 1, H, W) with torchvision's weights; single-channel images are their own.
+    Scalar weights, not a weight tensor: a tensor would be copied to the GPU every step."""
+    return x if x.shape[1] == 1 else (0.2989 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:])
 
 
-def color_jitter(x, strengths, p):
-    """torchvision's ColorJitter factors in a fixed order, each drawn per sample, applied to a
-    sample with probability p. Hue rotates the chroma (I, Q) plane of YIQ by up to 2 pi * hue."""
-    n, dev = len(x), x.device
-    b, c, s, h = strengths
+def shift_hue(x, shift):
+    """torchvision's adjust_hue for a batch: RGB -> HSV, h + shift (mod 1), HSV -> RGB.
+    x (n, 3, H, W) in [0, 1], shift (n, 1, 1) in turns."""
+    r, g, b = x.unbind(1)
+    mn, v = x.aminmax(dim=1)                                               # (n, H, W)
+    c = v - mn                                                             # chroma
+    s = c / torch.where(c > 0, v, 1.0)
+    c1 = torch.where(c > 0, c, 1.0)
+    h = torch.where(v == r, (g - b) / c1, torch.where(v == g, 2 + (b - r) / c1, 4 + (r - g) / c1))
+    h = (h / 6 + shift).remainder(1)                                       # (n, H, W) in turns
+    k = torch.stack([(6 * h + m).remainder(6) for m in (5, 3, 1)], 1)     # (n, 3, H, W), R G B
+    return v[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
 
-    def factor(strength):                                          # (n, 1, 1, 1) in [1 - s, 1 + s]
-        return 1 + (torch.rand(n, 1, 1, 1, device=dev) * 2 - 1) * strength
-    y = (x * factor(b)).clamp(0, 1)
-    m = gray(y).mean((1, 2, 3), keepdim=True)
-    y = ((y - m) * factor(c) + m).clamp(0, 1)
-    if x.shape[1] == 3:
-        g = gray(y)
-        y = ((y - g) * factor(s) + g).clamp(0, 1)
-        t = (torch.rand(n, device=dev) * 2 - 1) * (2 * math.pi * h)
-        rot = torch.zeros(n, 3, 3, device=dev)
-        rot[:, 0, 0], rot[:, 1, 1], rot[:, 2, 2], rot[:, 1, 2], rot[:, 2, 1] = 1, t.cos(), t.cos(), -t.sin(), t.sin()
-        yiq = YIQ.to(dev)
-        y = torch.einsum("nij,njhw->nihw", torch.linalg.inv(yiq) @ rot @ yiq, y).clamp(0, 1)
+
+def color_jitter(x, strengths, p, order=None, factors=None):
+    """torchvision's ColorJitter(b, c, s, h) applied with probability p, batched: every sample
+    draws its own four factors and its own order of the four operations. Brightness, contrast and
+    saturation blend the image with black, its mean luminance, its luminance; hue shifts in HSV.
+    `order` (n, 4) and `factors` (n, 4) may be given (tests compare with torchvision)."""
+    n, C, dev = len(x), x.shape[1], x.device
+    if order is None:
+        ranges = [(max(0.0, 1 - v), 1 + v) for v in strengths[:3]] + [(-strengths[3], strengths[3])]
+        factors = torch.stack([torch.empty(n, device=dev).uniform_(*r) for r in ranges], 1)  # (n, 4)
+        order = torch.rand(n, 4, device=dev).argsort(1)     # (n, 4) operation at each position
+    y = x
+    for op in order.T.reshape(4, n, 1, 1, 1):                            # (n, 1, 1, 1) per position
+        f = torch.where(op == 3, 1.0, factors.gather(1, op.reshape(n, 1)).view(n, 1, 1, 1))
+        lum = gray(y)
+        ref = torch.where(op == 0, 0.0, torch.where(op == 1, lum.mean((1, 2, 3), keepdim=True), lum))
+        y = (y * f + (1 - f) * ref).clamp(0, 1)                          # _blend of torchvision
+        if C == 3:
+            y = torch.where(op == 3, shift_hue(y, factors[:, 3:, None]), y)
     return torch.where(torch.rand(n, 1, 1, 1, device=dev) < p, y, x)
 
 
@@ -359,7 +376,7 @@ def load_images(cfg, device):
         parts = load_tiny_imagenet(os.path.join(root, "tiny-imagenet-200"))
     else:
         cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
-               "mnist": torchvision.datasets.MNIST}[name]
+               "mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
         try:
             sets = [cls(root, train=t, download=cfg.download) for t in (True, False)]
         except RuntimeError as e:
@@ -474,7 +491,7 @@ def build_networks(cfg, data):
     P = cfg.proj_dim if cfg.proj_hidden else D                              # size of z and v
     g = mlp(D, cfg.proj_hidden, P) if cfg.proj_hidden else nn.Identity()
     h = (mlp(D if cfg.layout == "parallel" else P, cfg.proj_hidden, P)
-         if cfg.proj_hidden and cfg.layout != "single" else nn.Identity())
+         if cfg.proj_hidden and cfg.layout != "single" and cfg.method == "myow" else nn.Identity())
     net = Network(f, g, h, cfg.layout)
     q = mlp(P, cfg.pred_hidden, P)
     r = mlp(P, cfg.pred_hidden, P) if cfg.method == "myow" else None         # BYOL has no r
@@ -682,6 +699,7 @@ def representations(f, splits, chunk=1024):
 def setup_distributed(cfg):
     """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is one process."""
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    torch.backends.cudnn.benchmark = cuda                # every shape in a run is fixed: autotune once
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -772,7 +790,7 @@ def check_config(cfg, data, world):
             raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}; a probability "
                               f"must lie in [0, 1]")
     for name, choices in (("pool", ("fresh", "batch")), ("mine_in", ("target", "online")),
-                          ("tau_schedule", ("constant", "cosine")),
+                          ("tau_schedule", ("constant", "cosine")), ("precision", ("auto", "bf16", "fp32")),
                           ("anchor_view", ("new", "shared")), ("optimizer", ("adamw", "sgd")),
                           ("pretrain_on", ("train+val", "train") if cfg.dataset in NEURAL else ("train",)),
                           ("layout", ("cascaded", "parallel", "single")),
@@ -797,19 +815,20 @@ def train(cfg, data, device, log, rank=0, world=1, state=None):
     model, target = build_networks(cfg, data)
     fmt = torch.channels_last if cfg.arch != "mlp" else torch.contiguous_format
     model, target = model.to(device, memory_format=fmt), target.to(device, memory_format=fmt)
-    if world > 1 and device.type == "cuda":       # BatchNorm over the global batch (GPU only)
+    if dist.is_initialized() and device.type == "cuda":   # BatchNorm over the global batch (GPU only)
         model, target = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (model, target))
     if cfg.optimizer == "sgd":                                                          # App. C
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:                                      # App. D; before DDP, as it moves the parameters
         opt = AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     online = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-              if world > 1 else model)
+              if dist.is_initialized() else model)
     target_f = target.f
     if cfg.compile:
         online, target_f = torch.compile(online), torch.compile(target.f)
     xi, theta = ema_tensors(target), ema_tensors(model.net)
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+    bf16 = device.type == "cuda" and (cfg.precision == "bf16" or cfg.precision == "auto" and cfg.arch != "mlp")
+    autocast = torch.autocast("cuda", torch.bfloat16) if bf16 else nullcontext()
     N, B, L = len(data), cfg.batch_size, pool_size(cfg)
     b, l = B // world, L // world                               # this rank's share
     mining = cfg.method == "myow"
@@ -820,7 +839,7 @@ def train(cfg, data, device, log, rank=0, world=1, state=None):
     steps_per_epoch = N // B                                               # full batches only
     total = cfg.epochs * steps_per_epoch
     log_every = cfg.log_every or max(1, cfg.epochs // 20)
-    index_gen = torch.Generator().manual_seed(cfg.seed)        # batches and pools: same on all ranks
+    index_gen = torch.Generator(device).manual_seed(cfg.seed)  # batches and pools: same on all ranks
     torch.manual_seed(cfg.seed + rank)                          # augmentations: one stream per rank
     start, last = 0, None
     if state is not None:                                       # --resume
@@ -844,19 +863,21 @@ def train(cfg, data, device, log, rank=0, world=1, state=None):
     t0, step = time.time(), start * steps_per_epoch
     for epoch in range(start, cfg.epochs):
         stats = torch.zeros(5, device=device)     # loss, aug loss, mined loss, same-label, mined
-        perm = torch.randperm(N, generator=index_gen).to(device)
+        perm = torch.randperm(N, generator=index_gen, device=device)
         for it in range(steps_per_epoch):
             lr = lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
             tau = tau_at(step, total, cfg.tau, 1.0 if cfg.tau_schedule == "cosine" else cfg.tau)
             lam = lambda_at(step, cfg.mining_ramp_epochs * steps_per_epoch, cfg.mining_weight)
             for group in opt.param_groups:
                 group["lr"] = lr
-            s = perm[it * B + rank * b:it * B + (rank + 1) * b]          # (b,) this rank's anchors
-            if fresh:                   # an independent stream of permutations (App. B); L may exceed N
-                pool = torch.cat([torch.randperm(N, generator=index_gen) for _ in range(-(-L // N))])
-                c = pool[rank * l:(rank + 1) * l].to(device)
+            s_all = perm[it * B:(it + 1) * B]                  # (B,) the global batch's anchors
+            s = s_all[rank * b:(rank + 1) * b]                  # (b,) this rank's
+            if fresh:   # an independent stream of permutations (App. B), drawn alike on every rank
+                c_all = torch.cat([torch.randperm(N, generator=index_gen, device=device)
+                                   for _ in range(-(-L // N))])[:L]                   # (L,); L may exceed N
             else:
-                c = s
+                c_all = s_all
+            c = c_all[rank * l:(rank + 1) * l]                  # (l,) this rank's candidates
             # Views: x = t(s), x' = t'(s) with t, t' ~ T; x_m = t_m(s), x_c = t_m(c) with t_m ~ T_m.
             x, x2 = data.views(torch.cat([s, s]), cfg).split(b)
             mined = (data.views(torch.cat([s] * third + [c] * fresh), cfg, mined=True) if third or fresh
@@ -876,7 +897,6 @@ def train(cfg, data, device, log, rank=0, world=1, state=None):
                             y_pool = y_t[cand]                             # (l, D) f_xi(x_c)
                         else:                                              # App. F: online space
                             y_pool = model.net.f(x_c) if fresh else y[cand]
-                        c_all = all_gather(c)                              # (L,) global pool
                         y_pool = all_gather(y_pool)                        # (L, D)
                         v_pool = all_gather(target.mined_space(y_t[cand], z_t[cand]))  # (L, Dv)
                         allowed = data.allowed(s, c_all, cfg)              # (b, L) mask (App. B)
