@@ -300,10 +300,10 @@ def shift_hue(x, shift):
     mn, v = x.aminmax(dim=1)                                               # (n, H, W)
     c = v - mn                                                             # chroma
     s = c / torch.where(c > 0, v, 1.0)
-    c1 = torch.where(c > 0, c, 1.0)
-    h = torch.where(v == r, (g - b) / c1, torch.where(v == g, 2 + (b - r) / c1, 4 + (r - g) / c1))
-    h = (h / 6 + shift).remainder(1)                                       # (n, H, W) in turns
-    k = torch.stack([(6 * h + m).remainder(6) for m in (5, 3, 1)], 1)     # (n, 3, H, W), R G B
+    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * c, r - g + 4 * c))
+    h = (h / (6 * torch.where(c > 0, c, 1.0)) + shift).remainder(1)       # (n, H, W) in turns
+    sector = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)   # R, G, B
+    k = (6 * h[:, None] + sector).remainder(6)                            # (n, 3, H, W)
     return v[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
@@ -317,14 +317,22 @@ def color_jitter(x, strengths, p, order=None, factors=None):
         ranges = [(max(0.0, 1 - v), 1 + v) for v in strengths[:3]] + [(-strengths[3], strengths[3])]
         factors = torch.stack([torch.empty(n, device=dev).uniform_(*r) for r in ranges], 1)  # (n, 4)
         order = torch.rand(n, 4, device=dev).argsort(1)     # (n, 4) operation at each position
-    y = x
-    for op in order.T.reshape(4, n, 1, 1, 1):                            # (n, 1, 1, 1) per position
-        f = torch.where(op == 3, 1.0, factors.gather(1, op.reshape(n, 1)).view(n, 1, 1, 1))
-        lum = gray(y)
-        ref = torch.where(op == 0, 0.0, torch.where(op == 1, lum.mean((1, 2, 3), keepdim=True), lum))
-        y = (y * f + (1 - f) * ref).clamp(0, 1)                          # _blend of torchvision
-        if C == 3:
-            y = torch.where(op == 3, shift_hue(y, factors[:, 3:, None]), y)
+    ops = order.T.reshape(4, n, 1, 1, 1)                                 # (4, n, 1, 1, 1)
+    hue_at = (order == 3).float().argmax(1).view(n, 1, 1, 1)             # hue's position
+
+    def blends(y, positions, before_hue):          # the blends on one side of the hue shift
+        for k in positions:
+            op = ops[k]
+            idle = (op == 3) | ((k < hue_at) != before_hue)              # factor 1: y unchanged
+            f = torch.where(idle, 1.0, factors.gather(1, op.reshape(n, 1)).view(n, 1, 1, 1))
+            lum = gray(y)
+            ref = torch.where(op == 0, 0.0, torch.where(op == 1, lum.mean((1, 2, 3), keepdim=True), lum))
+            y = torch.lerp(ref, y, f).clamp_(0, 1)                       # _blend of torchvision
+        return y
+    # The hue shift, the costly one, once per sample: blends before it, the shift, blends after.
+    y = blends(x, range(3), True)
+    y = shift_hue(y, factors[:, 3:, None]) if C == 3 else y
+    y = blends(y, range(1, 4), False)
     return torch.where(torch.rand(n, 1, 1, 1, device=dev) < p, y, x)
 
 
@@ -823,9 +831,9 @@ def train(cfg, data, device, log, rank=0, world=1, state=None):
         opt = AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     online = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
               if dist.is_initialized() else model)
-    target_f = target.f
-    if cfg.compile:
-        online, target_f = torch.compile(online), torch.compile(target.f)
+    target_f, views = target.f, data.views
+    if cfg.compile:             # the views too: their elementwise chains fuse into a few kernels
+        online, target_f, views = torch.compile(online), torch.compile(target.f), torch.compile(data.views)
     xi, theta = ema_tensors(target), ema_tensors(model.net)
     bf16 = device.type == "cuda" and (cfg.precision == "bf16" or cfg.precision == "auto" and cfg.arch != "mlp")
     autocast = torch.autocast("cuda", torch.bfloat16) if bf16 else nullcontext()
@@ -879,8 +887,8 @@ def train(cfg, data, device, log, rank=0, world=1, state=None):
                 c_all = s_all
             c = c_all[rank * l:(rank + 1) * l]                  # (l,) this rank's candidates
             # Views: x = t(s), x' = t'(s) with t, t' ~ T; x_m = t_m(s), x_c = t_m(c) with t_m ~ T_m.
-            x, x2 = data.views(torch.cat([s, s]), cfg).split(b)
-            mined = (data.views(torch.cat([s] * third + [c] * fresh), cfg, mined=True) if third or fresh
+            x, x2 = views(torch.cat([s, s]), cfg).split(b)
+            mined = (views(torch.cat([s] * third + [c] * fresh), cfg, mined=True) if third or fresh
                      else x[:0])
             x_m, x_c = mined[:b * third], mined[b * third:]
             with autocast:
