@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import sys
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -389,6 +390,15 @@ def test_torchrun_cli_prints_one_json_line(tmp_path):
     assert len(open(tmp_path / "run" / "log.jsonl").readlines()) == 4     # rank 0 alone writes
 
 
+def test_torchrun_byol_on_images(tmp_path):
+    """BYOL on images under DistributedDataParallel: several steps (DDP checks at every step after
+    the first that each parameter got its gradient) and one JSON line."""
+    p = torchrun(2, "myow.py", "--dataset", "shapes", "--method", "byol", "--epochs", "1", "--batch-size", "1024",
+                 "--eval-epochs", "1", "--eval-milestones", "1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["world_size"] == 2
+
+
 # --- checkpoints and resume -------------------------------------------------------------------
 METRICS = ("test_acc", "test_delta_acc", "val_acc", "mining_class_acc")
 FAST = ("--epochs", "30", "--warmup-epochs", "3", "--ckpt-every", "5", "--log-every", "1")
@@ -548,6 +558,56 @@ def test_image_views_differ_per_sample_and_stay_in_range():
     flat_img = image_split(torch.full((1, 3, 32, 32), 128, dtype=torch.uint8))
     means = flat_img.views(torch.zeros(200, dtype=torch.long), cfg).mean((1, 2, 3))
     assert means.std() > 0.05                                               # brightness per sample
+
+
+def test_color_jitter_and_grayscale_match_torchvision_per_sample():
+    """App. C names torchvision's ColorJitter and RandomGrayscale: with each sample's own factors
+    and order of the four operations fixed, every image equals torchvision applied to it alone."""
+    import torchvision.transforms.v2.functional as TF
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    torch.manual_seed(0)
+    for C in (3, 1):
+        x = torch.rand(48, C, 9, 9)
+        x[0], x[1, :, :3] = 0.5, 0.0                          # a gray image; a black patch
+        order = torch.rand(48, 4).argsort(1)
+        factors = torch.cat([torch.rand(48, 3) * 1.2 + 0.4, torch.rand(48, 1) - 0.5], 1)
+        y = myow.color_jitter(x, [0.6, 0.6, 0.6, 0.5], 1.0, order, factors)
+        for i in range(48):
+            ref = x[i]
+            for o in order[i]:
+                ref = ops[o](ref, float(factors[i, o]))
+            assert (ref - y[i]).abs().max() <= 1e-4, (C, i, order[i])
+        assert torch.allclose(myow.gray(x), TF.rgb_to_grayscale(x), atol=1e-6)
+
+
+def test_autocast_is_bf16_for_image_encoders_on_cuda_only():
+    """bf16 on CUDA for images; the neural MLP stays in float32 (README); CPU never autocasts."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for args, want in ((["--dataset", "cifar10"], torch.bfloat16), (["--dataset", "chewie1"], None),
+                       (["--dataset", "chewie1", "--precision", "bf16"], torch.bfloat16),
+                       (["--dataset", "cifar10", "--precision", "fp32"], None)):
+        cfg = myow.parse_config(args)
+        with pytest.warns(UserWarning) if want and not torch.cuda.is_available() else nullcontext():
+            ctx = myow.autocast_for(cfg, cuda)
+        assert getattr(ctx, "fast_dtype", None) == want, args
+        assert getattr(myow.autocast_for(cfg, cpu), "fast_dtype", None) is None
+
+
+@pytest.mark.parametrize("method", ["myow", "byol"])
+def test_every_online_parameter_gets_a_gradient(method):
+    """DistributedDataParallel waits for a gradient of every parameter: a module that a method
+    builds but never uses (h for BYOL) hangs the second step on several GPUs."""
+    cfg = myow.parse_config(["--dataset", "shapes", "--method", method, "--batch-size", "16", "--pool-size", "16"])
+    data = image_split(torch.randint(0, 256, (16, 1, 32, 32), dtype=torch.uint8))
+    model, target = myow.build_networks(cfg, data)
+    s = torch.arange(16)
+    x, x2, x_m = data.views(torch.cat([s, s]), cfg).split(16) + (data.views(s, cfg, mined=True),)
+    views = torch.cat([x, x2, x_m]) if method == "myow" else torch.cat([x, x2])
+    y, p, r_v = model(views, 32, slice(32, 48) if method == "myow" else None)
+    (p.sum() + (r_v.sum() if r_v is not None else 0)).backward()
+    missing = [n for n, t in model.named_parameters() if t.grad is None]
+    assert not missing, missing
+    assert (sum(t.numel() for t in model.net.h.parameters()) > 0) == (method == "myow")
 
 
 def test_layouts_give_the_right_head_shapes():
