@@ -131,7 +131,12 @@ class Config:
     precision: str = arg("auto", "bf16 (autocast on CUDA) or fp32; auto: bf16 for image encoders on CUDA, "
                                  "fp32 for the MLP (README: neural data on a GPU)")
     log_every: int = arg(0, "print progress every this many epochs (0: about 20 lines a run)")
-    save_embeddings: bool = arg(False, "write --out/embeddings.tsv + metadata.tsv (TensorBoard projector)")
+    eval_every: int = arg(0, "every this many epochs, a weighted k-NN classifier (k = 200, temperature 0.1) "
+                             "of the test set on the training set's representations, printed and logged; 0: off")
+    save_embeddings: bool = arg(False, "write --out/embeddings.tsv + metadata.tsv (TensorBoard projector; "
+                                       "images: the test set)")
+    save_mined_views: bool = arg(False, "images: write --out/mined_views.png at the end, anchors each next to "
+                                        "its k nearest candidates, mined as in training (Fig. 2)")
 
 
 # Per-dataset defaults in one table; a flag given on the command line always wins.
@@ -139,9 +144,10 @@ MONKEY = {}                                     # Appendix D.1 = Config defaults
 IMAGES = dict(optimizer="sgd", lr=0.03, weight_decay=5e-4, warmup_epochs=10, tau=0.996,
               tau_schedule="cosine", epochs=800, pool="fresh", anchor_view="new", pretrain_on="train",
               pool_size=512, k=1, mining_weight=0.1, arch="resnet18", proj_hidden=4096, pred_hidden=4096,
-              ckpt_every=10, eval_epochs=200, eval_lr=0.4, eval_milestones="140,190", eval_wd_exponents="")  # App. B, C
+              ckpt_every=10, eval_epochs=200, eval_lr=0.4, eval_milestones="140,190", eval_wd_exponents="",
+              eval_every=10)                                                                          # App. B, C
 SMALL = dict(IMAGES, arch="convnet", epochs=15, batch_size=256, pool_size=256, proj_hidden=512,
-             proj_dim=64, pred_hidden=512, warmup_epochs=2, eval_epochs=30, eval_milestones="20,27")
+             proj_dim=64, pred_hidden=512, warmup_epochs=2, eval_epochs=30, eval_milestones="20,27", eval_every=5)
 PRESETS = {
     "synthetic": dict(MONKEY, epochs=300),        # offline default; 300 epochs: 82.2 %, 1000: 79.1 %
     "chewie1": MONKEY, "chewie2": MONKEY, "mihi1": MONKEY, "npz": MONKEY,
@@ -386,11 +392,17 @@ def load_images(cfg, device):
     else:
         cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
                "mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
+        first = not dist.is_initialized() or dist.get_rank() == 0
+        if not first:
+            dist.barrier()              # under torchrun rank 0 downloads and extracts alone, then all read
         try:
-            sets = [cls(root, train=t, download=cfg.download) for t in (True, False)]
+            sets = [cls(root, train=t, download=cfg.download and first) for t in (True, False)]
         except RuntimeError as e:
             raise neural_data.DataError(f"{name} is not in {root} ({e}); add --download (needs internet) "
                                         f"or place torchvision's standard layout there") from None
+        finally:
+            if first and dist.is_initialized():
+                dist.barrier()
         parts = []
         for ds in sets:
             x = torch.as_tensor(np.asarray(ds.data))
@@ -700,6 +712,40 @@ def representations(f, splits, chunk=1024):
     return feats
 
 
+def knn_accuracy(f, train, test, k=200, temperature=0.1, chunk=1024):
+    """The monitor of long runs: a weighted k-NN classifier (instance discrimination's k = 200,
+    temperature 0.1). Each test sample votes with its k most cosine-similar training samples,
+    weighted by exp(similarity / temperature). Test accuracy in %; draws no random numbers."""
+    y_train, y_test = (F.normalize(y, dim=1) for y in representations(f, [train, test]))
+    n_classes = int(train.labels.max()) + 1
+    correct = 0
+    for i in range(0, len(y_test), chunk):
+        sim, idx = (y_test[i:i + chunk] @ y_train.T).topk(min(k, len(y_train)), dim=1)   # (c, k)
+        votes = torch.zeros(len(sim), n_classes, device=sim.device)
+        votes.scatter_add_(1, train.labels[idx], (sim / temperature).exp())             # (c, classes)
+        correct += int((votes.argmax(1) == test.labels[i:i + chunk]).sum())
+    return 100 * correct / len(y_test)
+
+
+@torch.no_grad()
+def save_mined_views(path, f, target_f, data, cfg, n=32):
+    """Figures 2 and S4: n anchors, each followed by its k nearest of L candidates, found as in
+    training (T_m views, y_m = f(x_m) against the candidates' target representations, the mask),
+    with BatchNorm in eval mode so that the saved networks are left as they are."""
+    import torchvision
+    g = torch.Generator(data.x.device).manual_seed(cfg.seed)         # training's streams untouched
+    s, c = (torch.randperm(len(data), generator=g, device=data.x.device)[:m] for m in (n, pool_size(cfg)))
+    x_m, x_c = data.views(s, cfg, mined=True), data.views(c, cfg, mined=True)
+    f.eval(), target_f.eval()
+    y_m, y_c = f(x_m).float(), (target_f if cfg.mine_in == "target" else f)(x_c).float()
+    f.train(), target_f.train()
+    sim = data.allowed(s, c, cfg).mul(3).addmm_(F.normalize(y_m, dim=1), F.normalize(y_c, dim=1).T)  # (n, L)
+    rows = torch.cat([x_m[:, None], x_c[sim.topk(cfg.k, dim=1).indices]], 1)      # (n, 1 + k, C, H, W)
+    per_row = max(1, 8 // (1 + cfg.k))                                   # anchors side by side
+    torchvision.utils.save_image((rows.flatten(0, 1) * data.std + data.mean).clamp(0, 1), path,
+                                 nrow=per_row * (1 + cfg.k), padding=2, pad_value=1.0)
+
+
 # =============================================================================================
 # Distributed training hooks (torchrun) and checkpoints
 # =============================================================================================
@@ -760,6 +806,10 @@ def load_checkpoint(path, cfg):
     except Exception as e:
         raise ConfigError(f"checkpoint {path} is unreadable ({type(e).__name__}), perhaps truncated; "
                           f"delete it and start again with --overwrite") from None
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if len(state["rng"]) != world:          # each process has its own augmentation stream
+        raise ConfigError(f"checkpoint {path} was written by {len(state['rng'])} process(es), this run has "
+                          f"{world}; resume with torchrun --nproc_per_node {len(state['rng'])}")
     now = dataclasses.asdict(cfg)
     differ = [k for k, v in state["config"].items() if k not in RUN_FIELDS and now.get(k) != v]
     if differ:
@@ -786,8 +836,13 @@ def check_config(cfg, data, world):
     if cfg.method == "supervised" and (data.task not in ("reach", "state") or world > 1 or cfg.resume):
         raise ConfigError("--method supervised is the neural baseline: it needs a labelled neural "
                           "recording, one process and no --resume")
-    if cfg.save_embeddings and not cfg.out:
-        raise ConfigError("--save-embeddings writes into --out DIR; give one")
+    if (cfg.save_embeddings or cfg.save_mined_views) and not cfg.out:
+        raise ConfigError("--save-embeddings and --save-mined-views write into --out DIR; give one")
+    if cfg.save_mined_views and (cfg.dataset in NEURAL or cfg.method != "myow"):
+        raise ConfigError(f"--save-mined-views draws images mined by MYOW; {cfg.dataset} with --method "
+                          f"{cfg.method} has none (use an image data set and --method myow)")
+    if cfg.eval_every < 0:
+        raise ConfigError(f"--eval-every {cfg.eval_every}: give 0 (off) or a number of epochs")
     if cfg.batch_size > len(data):
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} samples of "
                           f"{cfg.dataset} that training sees; use --batch-size {len(data)} or less")
@@ -818,6 +873,18 @@ def check_config(cfg, data, world):
                               f"of the {len(data)} training samples; lower --k or --min-gap-s")
 
 
+def optimizer(cfg, model):
+    """App. C: SGD with momentum for images, weight decay on weight matrices and kernels only
+    (BatchNorm scales and shifts and biases, the 1-d tensors, undecayed as in BYOL and the
+    authors' image code). App. D: AdamW for neural data, decay on every parameter."""
+    if cfg.optimizer == "adamw":
+        return AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = list(model.parameters())
+    return torch.optim.SGD([{"params": [p for p in params if p.ndim > 1]},
+                            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+                           lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 def autocast_for(cfg, device):
     """bfloat16 autocast on CUDA for image encoders. The MLP of neural data stays in float32 there:
     on an H100, bf16 cost Chewie-1 4.1 Acc (3 paired seeds) and saved no time (README)."""
@@ -825,18 +892,16 @@ def autocast_for(cfg, device):
     return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and bf16 else nullcontext()
 
 
-def train(cfg, data, device, log, rank=0, world=1, state=None):
-    """Algorithm 1 on the split `data`. Returns the online model and the last epoch's log record."""
+def train(cfg, data, device, log, rank=0, world=1, state=None, monitor=None):
+    """Algorithm 1 on the split `data`. Returns the online model and the last epoch's log record.
+    monitor(f) -> accuracy in %, called on rank 0 every --eval-every epochs (knn_accuracy)."""
     torch.manual_seed(cfg.seed)                                   # same initial theta everywhere
     model, target = build_networks(cfg, data)
     fmt = torch.channels_last if cfg.arch != "mlp" else torch.contiguous_format
     model, target = model.to(device, memory_format=fmt), target.to(device, memory_format=fmt)
     if dist.is_initialized() and device.type == "cuda":   # BatchNorm over the global batch (GPU only)
         model, target = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (model, target))
-    if cfg.optimizer == "sgd":                                                          # App. C
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    else:                                      # App. D; before DDP, as it moves the parameters
-        opt = AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = optimizer(cfg, model)                # before DDP: AdamW moves the parameters
     online = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
               if dist.is_initialized() else model)
     target_f, views = target.f, data.views
@@ -942,6 +1007,8 @@ def train(cfg, data, device, log, rank=0, world=1, state=None):
                 "lr": lr, "tau": tau, "lambda": lam,
                 "mining_class_acc": (100 * stats[3].item() / max(1, stats[4].item())
                                      if mining and data.labels is not None else None)}
+        if monitor and rank == 0 and (epoch + 1) % cfg.eval_every == 0:
+            last["knn_acc"] = monitor(model.net.f)
         done = epoch + 1 - start
         if rank == 0:
             log(last, print_line=(epoch + 1) % log_every == 0 or epoch + 1 == cfg.epochs,
@@ -957,6 +1024,8 @@ def train(cfg, data, device, log, rank=0, world=1, state=None):
             raise KeyboardInterrupt(f"interrupted after epoch {epoch + 1}"
                                     + (f"; checkpoint written, continue with --resume --out {cfg.out}" if ckpt else ""))
     signal.signal(signal.SIGINT, previous_handler)
+    if cfg.save_mined_views and rank == 0:
+        save_mined_views(os.path.join(cfg.out, "mined_views.png"), model.net.f, target.f, data, cfg)
     return model, last
 
 
@@ -1011,11 +1080,13 @@ def make_logger(cfg):
                 mined += f" | class-acc {rec['mining_class_acc']:.1f}%"
             print(f"epoch {rec['epoch']:4d}/{cfg.epochs} | loss {rec['loss']:.3f} (aug {rec['loss_aug']:.3f}"
                   f"{mined}) | lr {rec['lr']:.2e} tau {rec['tau']:.4f} lambda {rec['lambda']:.2f} | "
-                  f"{rate:,.0f} samples/s | ETA {eta:.0f}s", flush=True)
+                  + (f"k-NN {rec['knn_acc']:.2f}% | " if "knn_acc" in rec else "")
+                  + f"{rate:,.0f} samples/s | ETA {eta:.0f}s", flush=True)
     return log
 
 
-OUT_FILES = ("config.json", "log.jsonl", "results.json", "checkpoint.pt", "embeddings.tsv", "metadata.tsv")
+OUT_FILES = ("config.json", "log.jsonl", "results.json", "checkpoint.pt", "embeddings.tsv", "metadata.tsv",
+             "mined_views.png")
 
 
 def prepare_out(cfg, rank):
@@ -1067,7 +1138,9 @@ def run(cfg):
     if cfg.method == "supervised":
         f, last = train_supervised(cfg, splits, device), {"mining_class_acc": None}
     else:
-        model, last = train(cfg, pretrain, device, make_logger(cfg), rank, world, state)
+        monitor = ((lambda f: knn_accuracy(f, splits[0], splits[2]))
+                   if cfg.eval_every and splits[0].labels is not None else None)
+        model, last = train(cfg, pretrain, device, make_logger(cfg), rank, world, state, monitor)
         f = model.net.f
     train_seconds = time.time() - t0
     if rank != 0:                    # wait for rank 0's evaluation: ranks that leave the process
@@ -1081,14 +1154,19 @@ def run(cfg):
         coarse = [l if l is None else splits[0].coarse[l] for l in labels]
         metrics["test_acc_cifar20"] = linear_eval(feats, coarse, "class", cfg)["test_acc"]
     result = {"dataset": cfg.dataset, "method": cfg.method, "seed": cfg.seed, "epochs": cfg.epochs,
-              **metrics, "mining_class_acc": last["mining_class_acc"], "world_size": world,
+              **metrics, "mining_class_acc": last["mining_class_acc"], "knn_acc": last.get("knn_acc"),
+              "world_size": world,
               "train_seconds": round(train_seconds, 2), "eval_seconds": round(time.time() - t0, 2),
               "total_seconds": round(time.time() - t_start, 2)}
     if cfg.out:
         with open(os.path.join(cfg.out, "results.json"), "w") as fh:
             json.dump(result, fh, indent=1)
-        if cfg.save_embeddings:                # the ring of reach directions of Fig. 3C, for example
+        if cfg.save_embeddings and rec is not None:   # the ring of reach directions of Fig. 3C, say
             neural_data.write_projector_tsv(cfg.out, torch.cat(feats[:3]).cpu().numpy(), rec, split_idx)
+        elif cfg.save_embeddings:                      # images: the test set, one label a row
+            np.savetxt(os.path.join(cfg.out, "embeddings.tsv"), feats[2].cpu().numpy(), delimiter="\t", fmt="%.5g")
+            with open(os.path.join(cfg.out, "metadata.tsv"), "w") as fh:
+                fh.write("split\tlabel\n" + "".join(f"test\t{l}\n" for l in labels[2].tolist()))
     print(json.dumps(result), flush=True)
     if world > 1:
         dist.barrier()

@@ -229,6 +229,56 @@ def test_linear_eval_decodes_perfect_features():
 
 
 # --- neural_data ------------------------------------------------------------------------------
+class Feats:
+    """A split whose inputs are already the features (for f = identity)."""
+    def __init__(self, x, labels):
+        self.x, self.labels = x, labels
+
+    def __len__(self):
+        return len(self.x)
+
+    def inputs(self, i):
+        return self.x[i]
+
+
+def test_knn_monitor_is_the_weighted_vote_of_the_k_nearest():
+    """knn_accuracy against a direct reading of its definition: each test sample's k most
+    cosine-similar training samples vote for their class with weight exp(similarity / T)."""
+    torch.manual_seed(0)
+    train = Feats(torch.randn(300, 6), torch.randint(0, 4, (300,)))
+    test = Feats(torch.randn(100, 6), torch.randint(0, 4, (100,)))
+    got = myow.knn_accuracy(torch.nn.Identity(), train, test, k=7, temperature=0.1, chunk=32)
+    a, b = torch.nn.functional.normalize(train.x, dim=1), torch.nn.functional.normalize(test.x, dim=1)
+    hits = 0
+    for i in range(100):
+        sim = a @ b[i]
+        top = sim.argsort(descending=True)[:7]
+        votes = [sum(math.exp(sim[j] / 0.1) for j in top if train.labels[j] == c) for c in range(4)]
+        hits += int(np.argmax(votes) == test.labels[i])
+    assert got == 100 * hits / len(test) and 10 < got < 60                  # random features: near chance
+    test.x = 5 * torch.nn.functional.one_hot(test.labels, 6).float() + 0.1 * torch.randn(100, 6)
+    train.x = 5 * torch.nn.functional.one_hot(train.labels, 6).float() + 0.1 * torch.randn(300, 6)
+    assert myow.knn_accuracy(torch.nn.Identity(), train, test) == 100.0
+
+
+def test_knn_monitor_leaves_training_unchanged():
+    """--eval-every reads representations without drawing random numbers or touching BatchNorm
+    statistics: a run with the monitor ends with exactly the weights of a run without it."""
+    cfg = myow.parse_config(["--epochs", "4", "--warmup-epochs", "1", "--eval-every", "1"])
+    rec, splits, _, pretrain = myow.load_neural(cfg, torch.device("cpu"))
+    calls = []
+
+    def monitor(f):
+        calls.append(myow.knn_accuracy(f, splits[0], splits[2]))
+        return calls[-1]
+    logged = []
+    with_m, _ = myow.train(cfg, pretrain, torch.device("cpu"), lambda rec, **k: logged.append(rec), monitor=monitor)
+    without, _ = myow.train(cfg, pretrain, torch.device("cpu"), lambda *a, **k: None)
+    assert len(calls) == 4 and [r["knn_acc"] for r in logged] == calls and max(calls) > 20   # chance 12.5
+    for (k, v), w in zip(with_m.state_dict().items(), without.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
 def test_binning_matches_a_loop():
     rng = np.random.default_rng(0)
     times, units = rng.uniform(-1, 11, 5000), rng.integers(0, 7, 5000)
@@ -399,6 +449,39 @@ def test_torchrun_byol_on_images(tmp_path):
     assert json.loads(p.stdout.strip().splitlines()[-1])["world_size"] == 2
 
 
+DOWNLOAD_SCRIPT = """
+import os, sys, time, numpy as np, torch, torchvision
+sys.path.insert(0, {here!r})
+import myow
+
+class Fake:                                    # records who downloaded, and when, instead of fetching
+    def __init__(self, root, train, download):
+        rank = torch.distributed.get_rank()
+        t0 = time.time()
+        time.sleep(1.0 if download else 0.0)
+        with open(os.path.join(root, "calls.txt"), "a") as fh:
+            fh.write(f"{{rank}} {{int(download)}} {{t0}} {{time.time()}}\\n")
+        self.data, self.targets = np.zeros((8, 32, 32, 3), np.uint8), [0] * 8
+torchvision.datasets.CIFAR10 = Fake
+cfg = myow.parse_config(["--dataset", "cifar10", "--download", "--data-dir", {out!r}])
+rank, world, device = myow.setup_distributed(cfg)
+myow.load_images(cfg, device)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_download_under_torchrun_is_rank_0_first(tmp_path):
+    script = tmp_path / "dl.py"
+    script.write_text(DOWNLOAD_SCRIPT.format(here=HERE, out=str(tmp_path)))
+    p = torchrun(2, str(script))
+    assert p.returncode == 0, p.stderr[-3000:]
+    calls = [l.split() for l in open(tmp_path / "calls.txt").read().splitlines()]
+    rank0 = [(float(a), float(b)) for r, d, a, b in calls if r == "0" and d == "1"]
+    rank1 = [(float(a), float(b)) for r, d, a, b in calls if r == "1" and d == "0"]
+    assert len(rank0) == 2 and len(rank1) == 2                  # only rank 0 downloads
+    assert min(a for a, _ in rank1) >= max(b for _, b in rank0)   # the others read after it
+
+
 # --- checkpoints and resume -------------------------------------------------------------------
 METRICS = ("test_acc", "test_delta_acc", "val_acc", "mining_class_acc")
 FAST = ("--epochs", "30", "--warmup-epochs", "3", "--ckpt-every", "5", "--log-every", "1")
@@ -476,6 +559,12 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path):
     ck.write_bytes(ck.read_bytes()[: ck.stat().st_size // 2])          # truncated
     p = run_cli("--epochs", "2", "--out", str(tmp_path), "--resume")
     assert p.returncode != 0 and "unreadable" in p.stderr and "Traceback" not in p.stderr
+    assert run_cli("--epochs", "2", "--out", str(tmp_path), "--overwrite").returncode == 0
+    state = torch.load(ck, weights_only=True)
+    state["rng"] = state["rng"] * 2                                    # as if written by 2 processes
+    torch.save(state, ck)
+    p = run_cli("--epochs", "2", "--out", str(tmp_path), "--resume")
+    one_line_error(p, "2 process(es)", "--nproc_per_node 2")
 
 
 def one_line_error(p, *words):
@@ -610,6 +699,26 @@ def test_every_online_parameter_gets_a_gradient(method):
     assert (sum(t.numel() for t in model.net.h.parameters()) > 0) == (method == "myow")
 
 
+def test_image_weight_decay_spares_batchnorm_and_biases():
+    """App. C's decay 5e-4 as BYOL applies it: on every weight matrix and convolution kernel,
+    never on BatchNorm scales and shifts or biases."""
+    data = image_split(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))
+    cfg = myow.Config(**{**myow.IMAGES, "arch": "resnet18"})
+    model, _ = myow.build_networks(cfg, data)
+    decay = {id(p): g["weight_decay"] for g in myow.optimizer(cfg, model).param_groups for p in g["params"]}
+    assert len(decay) == len(list(model.parameters()))
+    seen = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            assert decay[id(m.weight)] == decay[id(m.bias)] == 0.0, name
+            seen += 2
+        elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            assert decay[id(m.weight)] == 5e-4, name
+            assert m.bias is None or decay[id(m.bias)] == 0.0, name
+            seen += 1 + (m.bias is not None)
+    assert seen == len(decay)                                   # every parameter was checked
+
+
 def test_layouts_give_the_right_head_shapes():
     data = image_split(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))
     for layout, h_in in (("cascaded", 256), ("parallel", 512), ("single", None)):
@@ -627,6 +736,37 @@ def test_layouts_give_the_right_head_shapes():
     f = myow.build_networks(myow.Config(**{**myow.IMAGES, "arch": "resnet50"}), data)[0].net.f
     assert f.conv1.kernel_size == (3, 3) and f.conv1.stride == (1, 1)
     assert f(torch.randn(2, 3, 32, 32)).shape == (2, 2048)
+
+
+def test_image_embeddings_are_the_test_set_with_its_labels(tmp_path, monkeypatch):
+    small = [image_split(torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8)) for n in (64, 40)]
+    small[1].labels = torch.arange(40) % 3
+    small[0].labels = torch.arange(64) % 3
+    monkeypatch.setattr(myow, "load_images", lambda cfg, device: list(small))
+    cfg = myow.parse_config(["--dataset", "shapes", "--epochs", "1", "--batch-size", "32", "--pool-size", "32",
+                             "--eval-epochs", "1", "--eval-milestones", "1", "--out", str(tmp_path),
+                             "--save-embeddings", "--eval-every", "1"])
+    res = myow.run(cfg)
+    emb = np.loadtxt(tmp_path / "embeddings.tsv", delimiter="\t")
+    meta = open(tmp_path / "metadata.tsv").read().splitlines()
+    assert emb.shape == (40, 128) and meta[0] == "split\tlabel"
+    assert [int(m.split("\t")[1]) for m in meta[1:]] == small[1].labels.tolist()
+    assert res["knn_acc"] is not None and json.loads(open(tmp_path / "log.jsonl").readline())["knn_acc"] >= 0
+
+
+def test_mined_views_picture_shows_each_anchor_next_to_its_nearest_candidate(tmp_path, monkeypatch):
+    """Images that come in identical pairs, a flattening encoder and T_m without crop: each
+    anchor's nearest candidate other than itself is its twin, and the picture must show it."""
+    torch.manual_seed(0)
+    half = torch.randint(0, 256, (16, 1, 32, 32), dtype=torch.uint8)
+    data = image_split(torch.cat([half, half]))
+    cfg = myow.parse_config(["--dataset", "shapes", "--k", "1", "--pool-size", "32", "--mined-crop-area", "1:1"])
+    saved = {}
+    monkeypatch.setattr("torchvision.utils.save_image", lambda t, path, **kw: saved.update(t=t, kw=kw))
+    myow.save_mined_views(str(tmp_path / "m.png"), torch.nn.Flatten(), torch.nn.Flatten(), data, cfg)
+    pairs = saved["t"].view(32, 2, 1, 32, 32)                           # (anchor, mined view) rows
+    assert (pairs[:, 0] - pairs[:, 1]).abs().max() < 1e-5 and saved["kw"]["nrow"] == 8
+    assert (pairs[:, 0].flatten(1).std(1) > 0.1).all()                  # real images, not blanks
 
 
 def test_cifar10_layout_loads_through_the_real_loader(tmp_path, monkeypatch):
