@@ -9,15 +9,15 @@ network's representation space, predicted through a second, cascaded projector/p
     python myow.py --dataset chewie1 --data-dir ../shared/data  # monkey reach (Table 3): 9 s, CPU
     python myow.py --dataset mouse --data-dir ../shared/data    # mouse CA1 state (Fig. 4): 2 min, CPU
     python myow.py --dataset chewie1 --method byol              # the same code without mining
-    python myow.py --dataset shapes                             # procedural images: 2 min, CPU
+    python myow.py --dataset shapes                             # procedural images: 4 min, CPU
     python myow.py --dataset cifar10 --epochs 800 --download    # Table 1, Appendix C, one GPU
     torchrun --nproc_per_node 4 myow.py --dataset cifar10       # several GPUs; B and L are global
 
 On 2 CPU cores: Chewie-1 Acc 70.0 over seeds 0-19 (paper 70.5; BYOL 67.9), Mouse-CA1 F1 91.7 over
 seeds 0-4 (paper 93.7; BYOL 89.8). On one H100: the CIFAR-10 preset at 3.95 s per epoch (800 epochs
 in 53 min, 37 min with --compile; MYOW/BYOL 1.46); CIFAR-10 accuracy not yet measured (no download
-there). The last line on stdout is one JSON object with the metrics (in %) and the seconds spent. Results and the map from
-Algorithm 1 to the functions are in README.md.
+there). The last line on stdout is one JSON object with the metrics (in %) and the seconds spent.
+Results and the map from Algorithm 1 to the functions are in README.md.
 """
 import argparse
 import copy
@@ -44,99 +44,142 @@ import neural_data
 # =============================================================================================
 
 
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
+def arg(default, help, check):
+    """A field: its default, its --help, and what a value may be (checked in check_fields)."""
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+def parses(test):                               # a test of a string field's format
+    def ok(v):
+        try:
+            return bool(test(v))
+        except (ValueError, TypeError):
+            return False
+    return ok
+
+
+# What a field may be: a tuple of choices, or (test, description). FREE: any value (switches, and
+# paths checked with the environment in check_fields).
+FREE = None
+INT1, INT0 = (lambda v: v >= 1, "an integer >= 1"), (lambda v: v >= 0, "an integer >= 0")
+POS = (lambda v: 0 < v < math.inf, "a finite number > 0")
+NONNEG = (lambda v: 0 <= v < math.inf, "a finite number >= 0")
+PROB = (lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+BELOW1 = (lambda v: 0 <= v < 1, "in [0, 1)")
+AREA = (parses(lambda v: (lambda lo, hi: 0 < lo <= hi <= 1)(*map(float, v.split(":")))),
+        "'lo:hi' with 0 < lo <= hi <= 1")
+JITTER = (parses(lambda v: (lambda *f: len(f) == 4 and all(0 <= x < math.inf for x in f) and f[3] <= 0.5)(
+    *map(float, v.split(",")))), "four numbers 'b,c,s,h', each >= 0, hue h <= 0.5")
+MILESTONES = (parses(lambda v: all(int(m) >= 1 for m in v.split(",")) if v else True),
+              "epochs 'm1,m2,...' (integers >= 1), or empty")
+EXPONENTS = (parses(lambda v: (lambda a, b: a <= b)(*map(int, v.split(":"))) if v else True),
+             "'a:b' with integers a <= b, or empty")
 
 
 @dataclass
 class Config:
     dataset: str = arg("synthetic", "neural: synthetic | chewie1 | chewie2 | mihi1 | mouse | npz; images: "
                                     "shapes | cifar10 | cifar100 | mnist | fashion-mnist | tiny-imagenet | "
-                                    "random32")
-    data_dir: str = arg("data", "folder holding the published files (downloaded there if missing)")
-    download: bool = arg(False, "images: let torchvision download the data set into --data-dir")
-    data_file: str = arg("", "with --dataset npz: your recording (see README)")
-    method: str = arg("myow", "myow | byol (the same code with lambda = 0 and no mining) | "
-                              "supervised (the encoder trained on the labels, sec. 3.3)")
-    seed: int = arg(0, "random seed of initialisation, batches, augmentations and mining")
-    out: str = arg("", "folder for config.json, log.jsonl, checkpoint.pt, results.json; empty: none")
-    resume: bool = arg(False, "continue the run in --out from its checkpoint")
-    overwrite: bool = arg(False, "replace the run already in --out")
-    ckpt_every: int = arg(100, "write --out/checkpoint.pt every this many epochs, and at the end")
+                                    "random32", (lambda v: v in PRESETS, "a data set named in --help"))
+    data_dir: str = arg("data", "folder holding the published files (downloaded there if missing)", FREE)
+    download: bool = arg(False, "images: let torchvision download the data set into --data-dir", FREE)
+    data_file: str = arg("", "with --dataset npz: your recording (see README)", FREE)
+    method: str = arg("myow", "myow | byol (the same code with lambda = 0 and no mining) | supervised "
+                              "(the encoder trained on the labels, sec. 3.3)", ("myow", "byol", "supervised"))
+    seed: int = arg(0, "random seed of initialisation, batches, augmentations and mining",
+                    (lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2^63)"))
+    out: str = arg("", "folder for config.json, log.jsonl, checkpoint.pt, results.json; empty: none", FREE)
+    resume: bool = arg(False, "continue the run in --out from its checkpoint", FREE)
+    overwrite: bool = arg(False, "replace the run already in --out", FREE)
+    ckpt_every: int = arg(100, "write --out/checkpoint.pt every this many epochs, and at the end", INT1)
     # -- optimisation (Appendix D.1 "Training") --
-    epochs: int = arg(1000, "training epochs (App. D: 1000)")
-    batch_size: int = arg(512, "B, anchors per step (App. D: 512)")
-    optimizer: str = arg("adamw", "adamw (App. D, neural) or sgd (App. C, images)")
-    lr: float = arg(0.02, "eta (App. D: AdamW 0.02 monkeys, 0.001 rodents; App. C: SGD 0.03)")
-    momentum: float = arg(0.9, "SGD momentum (App. C: 0.9)")
-    weight_decay: float = arg(2e-5, "weight decay (App. D: 2e-5; App. C: 5e-4)")
-    warmup_epochs: int = arg(100, "linear lr warm-up, then cosine decay to 0 (App. D: 100)")
-    tau: float = arg(0.98, "tau, EMA momentum at step 0 (App. D: 0.98)")
+    epochs: int = arg(1000, "training epochs (App. D: 1000)", INT1)
+    batch_size: int = arg(512, "B, anchors per step (App. D: 512)",
+                          (lambda v: v >= 2, "an integer >= 2 (BatchNorm needs two samples)"))
+    optimizer: str = arg("adamw", "adamw (App. D, neural) or sgd (App. C, images)", ("adamw", "sgd"))
+    lr: float = arg(0.02, "eta (App. D: AdamW 0.02 monkeys, 0.001 rodents; App. C: SGD 0.03)", POS)
+    momentum: float = arg(0.9, "SGD momentum (App. C: 0.9)", BELOW1)
+    weight_decay: float = arg(2e-5, "weight decay (App. D: 2e-5; App. C: 5e-4)", NONNEG)
+    warmup_epochs: int = arg(100, "linear lr warm-up, then cosine decay to 0 (App. D: 100)", INT0)
+    tau: float = arg(0.98, "tau, EMA momentum at step 0 (App. D: 0.98)", (lambda v: 0 <= v <= 1, "in [0, 1]"))
     tau_schedule: str = arg("constant", "constant: tau throughout (the authors' neural code; on Chewie-1 "
-                                        "+1.8 Acc, README); cosine: from tau up to 1 (App. C, D)")
+                                        "+1.8 Acc, README); cosine: from tau up to 1 (App. C, D)",
+                            ("constant", "cosine"))
     pretrain_on: str = arg("train+val", "samples of self-supervised training: train+val (the validation "
-                                        "labels are never used; as the authors' code) or train")
+                                        "labels are never used; as the authors' code) or train",
+                           ("train+val", "train"))
     # -- mining (section 2.2, Appendix B) --
     pool_size: int = arg(1024, "L with --pool fresh: candidates drawn per step, shared by all anchors "
-                               "(App. D: 1024)")
-    k: int = arg(5, "k, mined view drawn uniformly from the k nearest candidates (App. D: 5)")
-    mining_weight: float = arg(1.0, "lambda, weight of the mined-view loss (App. D: 1)")
-    mining_ramp_epochs: int = arg(10, "lambda ramps linearly from 0 over this many epochs (App. D: 10)")
+                               "(App. D: 1024)", INT1)
+    k: int = arg(5, "k, mined view drawn uniformly from the k nearest candidates (App. D: 5)", INT1)
+    mining_weight: float = arg(1.0, "lambda, weight of the mined-view loss (App. D: 1)", NONNEG)
+    mining_ramp_epochs: int = arg(10, "lambda ramps linearly from 0 over this many epochs (App. D: 10)", INT0)
     pool: str = arg("batch", "batch: the candidates are the batch's target views x', L = B (sec. 2.2: "
                              "'MYOW can be effectively trained using L = B'; no extra forward); fresh: "
-                             "L candidates from an independent sampler (App. B; images)")
+                             "L candidates from an independent sampler (App. B; images)", ("batch", "fresh"))
     anchor_view: str = arg("shared", "shared: x doubles as the anchor x_m (T_m = T for neural data, "
-                                     "App. D.1); new: a third view x_m = t_m(s) (Alg. 1; images)")
-    mine_in: str = arg("target", "candidates' representations from the target or online network (App. F)")
+                                     "App. D.1); new: a third view x_m = t_m(s) (Alg. 1; images)",
+                           ("shared", "new"))
+    mine_in: str = arg("target", "candidates' representations from the target or online network (App. F)",
+                       ("target", "online"))
     min_gap_s: float = arg(math.inf, "mine only other trials, or the same trial >= this many s away "
-                                     "(App. D.2: 1800 s for sleep; inf: other trials only, App. D.1)")
+                                     "(App. D.2: 1800 s for sleep; inf: other trials only, App. D.1)",
+                            (lambda v: v >= 0, "seconds >= 0, or inf"))
     # -- network (Appendix D.1 "Network Architecture", Appendix C "Architecture") --
-    arch: str = arg("mlp", "encoder f: mlp (App. D.1), resnet18 / resnet50 (App. C), convnet (small, CPU)")
-    hidden: int = arg(64, "mlp: width of the 4 encoder blocks Linear+BN+ReLU (App. D: 64)")
-    rep_dim: int = arg(32, "mlp: size of y = f(x) (App. D.1: 32 monkeys; D.2: 64 rodents)")
-    proj_hidden: int = arg(0, "hidden width of g and h, MLP(., 4096, 256) (App. C); 0: no projectors (App. D.1)")
-    proj_dim: int = arg(256, "output size of g and h (App. C: 256)")
-    pred_hidden: int = arg(128, "hidden width of q and r (App. D: MLP(32, 128, 32); App. C: 4096)")
-    layout: str = arg("cascaded", "v = h(g(y)) cascaded (sec. 2.1), h(y) parallel, g(y) single (App. G)")
+    arch: str = arg("mlp", "encoder f: mlp (App. D.1), resnet18 / resnet50 (App. C), convnet (small, CPU)",
+                    ("mlp", "convnet", "resnet18", "resnet50"))
+    hidden: int = arg(64, "mlp: width of the 4 encoder blocks Linear+BN+ReLU (App. D: 64)", INT1)
+    rep_dim: int = arg(32, "mlp: size of y = f(x) (App. D.1: 32 monkeys; D.2: 64 rodents)", INT1)
+    proj_hidden: int = arg(0, "hidden width of g and h, MLP(., 4096, 256) (App. C); 0: no projectors "
+                              "(App. D.1)", INT0)
+    proj_dim: int = arg(256, "output size of g and h (App. C: 256)", INT1)
+    pred_hidden: int = arg(128, "hidden width of q and r (App. D: MLP(32, 128, 32); App. C: 4096)", INT1)
+    layout: str = arg("cascaded", "v = h(g(y)) cascaded (sec. 2.1), h(y) parallel, g(y) single (App. G)",
+                      ("cascaded", "parallel", "single"))
     # -- augmentations for spiking data (Appendix D.1, J), drawn per sample --
     jitter_s: float = arg(0.2, "temporal jitter: a sample of the same trial within this many s "
-                               "(App. D.1: 0.2 s reach; D.2: 12 s sleep)")
-    dropout_max: float = arg(0.2, "dropout rate drawn uniformly in [0, this] per sample (App. D.1)")
-    noise_std: float = arg(1.5, "std of additive Gaussian noise, Hz (App. D.1: 1.5)")
-    noise_p: float = arg(0.5, "probability a sample gets Gaussian noise (App. D.1: 0.5)")
-    pepper_value: float = arg(1.5, "pepper: Hz added to a neuron (App. D.1: 1.5)")
-    pepper_rate: float = arg(0.3, "pepper: probability per neuron (App. D.1: 0.3)")
-    pepper_p: float = arg(0.5, "probability a sample gets pepper (App. D.1: 0.5)")
+                               "(App. D.1: 0.2 s reach; D.2: 12 s sleep)", NONNEG)
+    dropout_max: float = arg(0.2, "dropout rate drawn uniformly in [0, this] per sample (App. D.1)", PROB)
+    noise_std: float = arg(1.5, "std of additive Gaussian noise, Hz (App. D.1: 1.5)", NONNEG)
+    noise_p: float = arg(0.5, "probability a sample gets Gaussian noise (App. D.1: 0.5)", PROB)
+    pepper_value: float = arg(1.5, "pepper: Hz added to a neuron (App. D.1: 1.5)", NONNEG)
+    pepper_rate: float = arg(0.3, "pepper: probability per neuron (App. D.1: 0.3)", PROB)
+    pepper_p: float = arg(0.5, "probability a sample gets pepper (App. D.1: 0.5)", PROB)
     # -- augmentations for images (Appendix C "Class of transformations"), drawn per sample --
-    image_size: int = arg(32, "views are resized (bicubic) to this size (App. C: 32)")
-    crop_area: str = arg("0.2:1.0", "T: random resized crop, area range (App. C: 0.2-1.0)")
-    mined_crop_area: str = arg("0.8:1.0", "T_m: crop only, area range (App. C: 0.8-1.0)")
-    color_jitter: str = arg("0.4,0.4,0.4,0.1", "brightness, contrast, saturation, hue (App. C)")
-    color_p: float = arg(0.8, "probability of color jitter (App. C: 0.8)")
-    gray_p: float = arg(0.1, "probability of grayscale (App. C: 0.1)")
-    flip_p: float = arg(0.5, "probability of a horizontal flip in T (App. C: 0.5; T_m has none)")
+    image_size: int = arg(32, "views are resized (bicubic) to this size (App. C: 32)",
+                          (lambda v: v >= 8, "an integer >= 8 (the small CNN pools three times)"))
+    crop_area: str = arg("0.2:1.0", "T: random resized crop, area range (App. C: 0.2-1.0)", AREA)
+    mined_crop_area: str = arg("0.8:1.0", "T_m: crop only, area range (App. C: 0.8-1.0)", AREA)
+    color_jitter: str = arg("0.4,0.4,0.4,0.1", "brightness, contrast, saturation, hue (App. C)", JITTER)
+    color_p: float = arg(0.8, "probability of color jitter (App. C: 0.8)", PROB)
+    gray_p: float = arg(0.1, "probability of grayscale (App. C: 0.1)", PROB)
+    flip_p: float = arg(0.5, "probability of a horizontal flip in T (App. C: 0.5; T_m has none)", PROB)
     # -- linear evaluation (Appendix D.1 "Evaluation Procedure", Appendix C "Evaluation Protocol") --
-    eval_epochs: int = arg(100, "epochs of the linear readout (App. D: 100; App. C: 200)")
-    eval_lr: float = arg(0.01, "lr of the linear readout (App. D: AdamW 0.01; App. C: SGD 0.4)")
-    eval_milestones: str = arg("", "SGD readout: epochs where lr is divided by 10 (App. C: 140,190)")
-    eval_batch_size: int = arg(512, "batch of the linear readout (not given in the paper)")
+    eval_epochs: int = arg(100, "epochs of the linear readout (App. D: 100; App. C: 200)", INT1)
+    eval_lr: float = arg(0.01, "lr of the linear readout (App. D: AdamW 0.01; App. C: SGD 0.4)", POS)
+    eval_milestones: str = arg("", "SGD readout: epochs where lr is divided by 10 (App. C: 140,190)",
+                               MILESTONES)
+    eval_batch_size: int = arg(512, "batch of the linear readout (not given in the paper)", INT1)
     eval_wd_exponents: str = arg("-10:10", "readout weight decays 2^a..2^b, chosen on validation (App. D); "
-                                           "empty: none (App. C)")
+                                           "empty: none (App. C)", EXPONENTS)
     # -- supervised baseline (sec. 3.3: "weight regularization and dropout"; values not given) --
     sup_dropout: float = arg(0.5, "dropout after each encoder block of the supervised baseline, which "
-                                  "otherwise uses --weight-decay (both chosen on Chewie-1 validation)")
+                                  "otherwise uses --weight-decay (both chosen on Chewie-1 validation)",
+                            BELOW1)
     # -- run --
-    device: str = arg("auto", "auto (cuda if available), cpu or cuda")
-    compile: bool = arg(False, "torch.compile the online and target networks")
+    device: str = arg("auto", "auto (cuda if available), cpu or cuda", ("auto", "cpu", "cuda"))
+    compile: bool = arg(False, "torch.compile the online and target networks", FREE)
     precision: str = arg("auto", "bf16 (autocast on CUDA) or fp32; auto: bf16 for image encoders on CUDA, "
-                                 "fp32 for the MLP (README: neural data on a GPU)")
-    log_every: int = arg(0, "print progress every this many epochs (0: about 20 lines a run)")
-    eval_every: int = arg(0, "every this many epochs, a weighted k-NN classifier (k = 200, temperature 0.1) "
-                             "of the test set on the training set's representations, printed and logged; 0: off")
+                                 "fp32 for the MLP (README: neural data on a GPU)", ("auto", "bf16", "fp32"))
+    log_every: int = arg(0, "print progress every this many epochs (0: about 20 lines a run)", INT0)
+    eval_every: int = arg(0, "every this many epochs, a weighted k-NN classifier (k = 200, temperature "
+                             "0.1) of the test set on the training set's representations, logged; 0: off",
+                           INT0)
     save_embeddings: bool = arg(False, "write --out/embeddings.tsv + metadata.tsv (TensorBoard projector; "
-                                       "images: the test set)")
-    save_mined_views: bool = arg(False, "images: write --out/mined_views.png at the end, anchors each next to "
-                                        "its k nearest candidates, mined as in training (Fig. 2)")
+                                       "images: the test set)", FREE)
+    save_mined_views: bool = arg(False, "images: write --out/mined_views.png at the end, anchors each "
+                                        "next to its k nearest candidates, mined as in training (Fig. 2)",
+                                 FREE)
 
 
 # Per-dataset defaults in one table; a flag given on the command line always wins.
@@ -145,9 +188,10 @@ IMAGES = dict(optimizer="sgd", lr=0.03, weight_decay=5e-4, warmup_epochs=10, tau
               tau_schedule="cosine", epochs=800, pool="fresh", anchor_view="new", pretrain_on="train",
               pool_size=512, k=1, mining_weight=0.1, arch="resnet18", proj_hidden=4096, pred_hidden=4096,
               ckpt_every=10, eval_epochs=200, eval_lr=0.4, eval_milestones="140,190", eval_wd_exponents="",
-              eval_every=10)                                                                          # App. B, C
+              eval_every=10)                                                                  # App. B, C
 SMALL = dict(IMAGES, arch="convnet", epochs=15, batch_size=256, pool_size=256, proj_hidden=512,
-             proj_dim=64, pred_hidden=512, warmup_epochs=2, eval_epochs=30, eval_milestones="20,27", eval_every=5)
+             proj_dim=64, pred_hidden=512, warmup_epochs=2, eval_epochs=30, eval_milestones="20,27",
+             eval_every=5)
 PRESETS = {
     "synthetic": dict(MONKEY, epochs=300),        # offline default; 300 epochs: 82.2 %, 1000: 79.1 %
     "chewie1": MONKEY, "chewie2": MONKEY, "mihi1": MONKEY, "npz": MONKEY,
@@ -161,11 +205,17 @@ NEURAL = {"synthetic", "chewie1", "chewie2", "mihi1", "mouse", "npz"}
 
 
 class ConfigError(Exception):
-    """A configuration the run cannot honour: the message names the flag and what to do."""
+    """A configuration the run cannot honour: the message names the flag and what to do (exit 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                   # one line and exit status 2, like every refusal
+        raise ConfigError(f"{message} (python myow.py --help lists every flag)")
 
 
 def parse_config(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """The flags given, over the data set's preset, over the defaults; every field checked."""
+    parser = Parser(description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Config):
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if isinstance(f.default, bool):
@@ -177,7 +227,57 @@ def parse_config(argv=None):
     dataset = given.get("dataset", Config.dataset)
     if dataset not in PRESETS:
         raise ConfigError(f"unknown --dataset {dataset!r}; choose one of {', '.join(PRESETS)}")
-    return Config(**{**PRESETS[dataset], **given})
+    cfg = Config(**{**PRESETS[dataset], **given})
+    check_fields(cfg)
+    return cfg
+
+
+def existing_parent(path):
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_fields(cfg):
+    """Every field against what it may be (the `check` of its arg), then what depends on the
+    data set and the machine: all before any data is loaded or any file is touched."""
+    for f in dataclasses.fields(Config):
+        v, check, flag = getattr(cfg, f.name), f.metadata["check"], "--" + f.name.replace("_", "-")
+        if check is FREE:
+            continue
+        ok, allowed = (check[0](v), check[1]) if callable(check[0]) else (v in check, " or ".join(check))
+        if not ok:
+            raise ConfigError(f"{flag} {v!r}: must be {allowed}" if isinstance(v, str) else
+                              f"{flag} {v}: must be {allowed}")
+    neural = cfg.dataset in NEURAL
+    if neural != (cfg.arch == "mlp"):
+        raise ConfigError(f"--arch {cfg.arch!r}: {cfg.dataset} takes "
+                          + ("mlp" if neural else "convnet, resnet18 or resnet50"))
+    if not neural and cfg.pretrain_on != "train":
+        raise ConfigError(f"--pretrain-on {cfg.pretrain_on!r}: images have no validation split; use train")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA device here; use --device cpu (or auto)")
+    if (cfg.save_embeddings or cfg.save_mined_views or cfg.resume) and not cfg.out:
+        raise ConfigError("--save-embeddings, --save-mined-views and --resume need --out DIR")
+    if cfg.save_mined_views and (neural or cfg.method != "myow"):
+        raise ConfigError(f"--save-mined-views draws images mined by MYOW; {cfg.dataset} with --method "
+                          f"{cfg.method} has none (use an image data set and --method myow)")
+    if cfg.out and not os.path.isdir(existing_parent(cfg.out)):
+        raise ConfigError(f"--out {cfg.out}: {existing_parent(cfg.out)} is a file, not a folder; "
+                          f"give a folder path")
+    if cfg.out and not os.access(existing_parent(cfg.out), os.W_OK):
+        raise ConfigError(f"--out {cfg.out}: cannot write in {existing_parent(cfg.out)}; give a writable "
+                          f"folder")
+    if not os.path.isdir(existing_parent(cfg.data_dir)):
+        raise ConfigError(f"--data-dir {cfg.data_dir}: {existing_parent(cfg.data_dir)} is a file; give the "
+                          f"folder that holds the data (or will, with --download)")
+    if cfg.download and not os.access(existing_parent(cfg.data_dir), os.W_OK):
+        raise ConfigError(f"--download: cannot write in {existing_parent(cfg.data_dir)}; give a writable "
+                          f"--data-dir")
+    if cfg.dataset == "npz" and not (cfg.data_file.endswith(".npz") and os.path.isfile(cfg.data_file)):
+        raise ConfigError(f"--data-file {cfg.data_file!r}: --dataset npz needs an existing .npz file "
+                          f"(README: your own recording)")
 
 
 # =============================================================================================
@@ -831,36 +931,16 @@ def pool_size(cfg):
 
 
 def check_config(cfg, data, world):
-    if cfg.method not in ("myow", "byol", "supervised"):
-        raise ConfigError(f"--method {cfg.method!r} is not known; choose myow, byol or supervised")
+    """What depends on the loaded data and the number of processes (before --out is touched)."""
     if cfg.method == "supervised" and (data.task not in ("reach", "state") or world > 1 or cfg.resume):
         raise ConfigError("--method supervised is the neural baseline: it needs a labelled neural "
                           "recording, one process and no --resume")
-    if (cfg.save_embeddings or cfg.save_mined_views) and not cfg.out:
-        raise ConfigError("--save-embeddings and --save-mined-views write into --out DIR; give one")
-    if cfg.save_mined_views and (cfg.dataset in NEURAL or cfg.method != "myow"):
-        raise ConfigError(f"--save-mined-views draws images mined by MYOW; {cfg.dataset} with --method "
-                          f"{cfg.method} has none (use an image data set and --method myow)")
-    if cfg.eval_every < 0:
-        raise ConfigError(f"--eval-every {cfg.eval_every}: give 0 (off) or a number of epochs")
     if cfg.batch_size > len(data):
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} samples of "
                           f"{cfg.dataset} that training sees; use --batch-size {len(data)} or less")
     if cfg.batch_size % world or (cfg.method == "myow" and pool_size(cfg) % world):
         raise ConfigError(f"--batch-size {cfg.batch_size} and the pool (L = {pool_size(cfg)}) are global "
                           f"and must divide by the {world} processes")
-    for name in ("noise_p", "pepper_p", "pepper_rate", "dropout_max", "color_p", "gray_p", "flip_p"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            raise ConfigError(f"--{name.replace('_', '-')} is {getattr(cfg, name)}; a probability "
-                              f"must lie in [0, 1]")
-    for name, choices in (("pool", ("fresh", "batch")), ("mine_in", ("target", "online")),
-                          ("tau_schedule", ("constant", "cosine")), ("precision", ("auto", "bf16", "fp32")),
-                          ("anchor_view", ("new", "shared")), ("optimizer", ("adamw", "sgd")),
-                          ("pretrain_on", ("train+val", "train") if cfg.dataset in NEURAL else ("train",)),
-                          ("layout", ("cascaded", "parallel", "single")),
-                          ("arch", ("mlp",) if cfg.dataset in NEURAL else ("convnet", "resnet18", "resnet50"))):
-        if getattr(cfg, name) not in choices:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose {' or '.join(choices)}")
     if cfg.method == "myow":
         L = pool_size(cfg)
         # candidates each anchor may ever mine among the training samples, by the mask (App. B)
@@ -1092,8 +1172,6 @@ OUT_FILES = ("config.json", "log.jsonl", "results.json", "checkpoint.pt", "embed
 def prepare_out(cfg, rank):
     """Never overwrite a run silently: continue it (--resume) or replace it (--overwrite)."""
     if not cfg.out:
-        if cfg.resume:
-            raise ConfigError("--resume needs --out DIR, the folder of the run to continue")
         return None
     state = load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), cfg) if cfg.resume else None
     ours = [f for f in OUT_FILES if os.path.exists(os.path.join(cfg.out, f))]
@@ -1164,7 +1242,8 @@ def run(cfg):
         if cfg.save_embeddings and rec is not None:   # the ring of reach directions of Fig. 3C, say
             neural_data.write_projector_tsv(cfg.out, torch.cat(feats[:3]).cpu().numpy(), rec, split_idx)
         elif cfg.save_embeddings:                      # images: the test set, one label a row
-            np.savetxt(os.path.join(cfg.out, "embeddings.tsv"), feats[2].cpu().numpy(), delimiter="\t", fmt="%.5g")
+            np.savetxt(os.path.join(cfg.out, "embeddings.tsv"), feats[2].cpu().numpy(), delimiter="\t",
+                       fmt="%.5g")
             with open(os.path.join(cfg.out, "metadata.tsv"), "w") as fh:
                 fh.write("split\tlabel\n" + "".join(f"test\t{l}\n" for l in labels[2].tolist()))
     print(json.dumps(result), flush=True)
@@ -1176,8 +1255,12 @@ def run(cfg):
 def main(argv=None):
     try:
         run(parse_config(argv))
-    except (ConfigError, neural_data.DataError, FloatingPointError, KeyboardInterrupt) as e:
-        sys.exit(f"error: {e}" if not isinstance(e, KeyboardInterrupt) else f"stopped: {e}")
+    except ConfigError as e:                    # a setting refused: argparse's status for usage errors
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (neural_data.DataError, FloatingPointError, KeyboardInterrupt) as e:   # failed during the run
+        print(f"{'stopped' if isinstance(e, KeyboardInterrupt) else 'error'}: {e}", file=sys.stderr)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

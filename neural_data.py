@@ -204,8 +204,12 @@ def load_npz(path):
     `labels` (T,) integer classes, optional `bin_s`. See the README for how to make one."""
     if not os.path.exists(path):
         raise DataError(f"--data-file {path} does not exist")
-    with np.load(path, allow_pickle=False) as z:
-        f = {k: z[k] for k in z.files}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            f = {k: z[k] for k in z.files}
+    except (ValueError, OSError, TypeError, AttributeError, EOFError) as e:    # not a zip of plain arrays
+        raise DataError(f"--data-file {path} is not a NumPy .npz archive of plain arrays "
+                        f"({type(e).__name__}); write it with np.savez (README)") from None
     if "firing_rates" not in f or not ({"trial", "time"} & f.keys()):
         raise DataError(f"{path} holds {sorted(f)}; it needs 'firing_rates' (T, N) and 'trial' or 'time'")
     rates = np.asarray(f["firing_rates"], np.float32)

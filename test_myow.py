@@ -1,9 +1,11 @@
 """Properties of MYOW that fail when the method is wrong. Run: python -m pytest -q test_myow.py"""
 import copy
+import dataclasses
 import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -181,9 +183,8 @@ def test_tau_schedule_per_domain():
     for dataset in ("cifar10", "shapes"):
         cfg = myow.parse_config(["--dataset", dataset])
         assert cfg.tau_schedule == "cosine" and cfg.tau == 0.996
-    cfg = myow.parse_config(["--tau-schedule", "linear"])
     with pytest.raises(myow.ConfigError, match="tau-schedule"):
-        myow.check_config(cfg, myow.load_neural(cfg, torch.device("cpu"))[3], 1)
+        myow.parse_config(["--tau-schedule", "linear"])
 
 
 def test_pretraining_on_train_and_val_adds_val_samples_never_test():
@@ -536,8 +537,10 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     schedule = myow.lambda_at
     monkeypatch.setattr(myow, "lambda_at", lambda step, *a: float("nan") if step >= 9 else schedule(step, *a))
-    with pytest.raises(SystemExit, match="non-finite loss in epoch 5 .*mined-view loss .*lambda nan"):
+    with pytest.raises(SystemExit) as e:
         myow.main(["--epochs", "10", "--ckpt-every", "1", "--out", str(tmp_path)])
+    assert e.value.code == 1                                        # a failure during the run
+    assert re.search("non-finite loss in epoch 5 .*mined-view loss .*lambda nan", capsys.readouterr().err)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 4   # 2 steps/epoch
 
 
@@ -581,7 +584,7 @@ def test_bad_inputs_each_get_one_clear_line(tmp_path):
     one_line_error(run_cli("--dataset", "mouse", "--data-dir", str(tmp_path)), "SHA-256", "delete it")
     one_line_error(run_cli("--k", "5000", "--epochs", "1"), "--k 5000", "eligible pool")
     one_line_error(run_cli("--batch-size", "100000", "--epochs", "1"), "larger than", "--batch-size 1348")
-    one_line_error(run_cli("--noise-p", "1.5", "--epochs", "1"), "--noise-p is 1.5", "[0, 1]")
+    one_line_error(run_cli("--noise-p", "1.5", "--epochs", "1"), "--noise-p 1.5", "[0, 1]")
     one_line_error(run_cli("--dataset", "shapes", "--pretrain-on", "train+val"), "--pretrain-on 'train+val'", "train")
     rates = np.random.default_rng(0).poisson(5, (400, 10)).astype(np.float32)
     rates[17, 3] = np.nan
@@ -590,6 +593,74 @@ def test_bad_inputs_each_get_one_clear_line(tmp_path):
     np.savez(tmp_path / "lab.npz", firing_rates=np.nan_to_num(rates), time=np.arange(400.0),
              labels=np.r_[np.zeros(399), -1])
     one_line_error(run_cli("--dataset", "npz", "--data-file", str(tmp_path / "lab.npz")), "label -1")
+
+
+def refused(argv, capsys, out):
+    """Run the command line in process; return (exit status, stderr) and check --out is as it was."""
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        myow.main(argv)
+    err = capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, argv
+    return e.value.code, err
+
+
+def test_every_checked_field_refuses_a_value_outside_its_meaning(tmp_path, capsys):
+    """Derived from the configuration table, so a new field is covered: an integer of -7, a float
+    of nan, a string of 'zzz' are each refused in one line naming the flag and value, exit 2."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("a result already written")
+    for f in dataclasses.fields(myow.Config):
+        if f.metadata["check"] is myow.FREE or f.name == "dataset":
+            continue
+        bad = {int: "-7", float: "nan", str: "zzz"}[type(f.default)]
+        flag = "--" + f.name.replace("_", "-")
+        code, err = refused([flag, bad, "--out", str(out)], capsys, out)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and flag in err and bad in err, (flag, err)
+
+
+def test_bad_settings_are_refused_before_work_in_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("a result already written")
+    (tmp_path / "file").write_text("")
+    (tmp_path / "r.npz").write_bytes(b"not a NumPy archive")
+    cases = [(["--epochs", "0"], "--epochs 0", ">= 1"), (["--ckpt-every", "0"], "--ckpt-every 0"),
+             (["--hidden", "0"], "--hidden 0"), (["--jitter-s", "-1"], "--jitter-s -1.0"),
+             (["--dataset", "shapes", "--crop-area", "abc"], "--crop-area 'abc'", "lo:hi"),
+             (["--dataset", "shapes", "--color-jitter", "1,2"], "--color-jitter '1,2'", "four numbers"),
+             (["--eval-wd-exponents", "x"], "--eval-wd-exponents 'x'"), (["--eval-milestones", "a"], "'a'"),
+             (["--lr", "-1"], "--lr -1.0", "> 0"), (["--tau", "1.5"], "--tau 1.5", "[0, 1]"),
+             (["--noise-std", "-1"], "--noise-std -1.0"), (["--mining-ramp-epochs", "-5"], "-5"),
+             (["--log-every", "-1"], "--log-every -1"), (["--eval-epochs", "0"], "--eval-epochs 0"),
+             (["--batch-size", "1"], "--batch-size 1", ">= 2"), (["--k", "0"], "--k 0", ">= 1"),
+             (["--epochs", "abc"], "--epochs", "invalid int value: 'abc'"), (["--method", "simclr"], "'simclr'"),
+             (["--dataset", "cifar10", "--arch", "mlp"], "--arch 'mlp'", "resnet18"),
+             (["--dataset", "shapes", "--pretrain-on", "train+val"], "--pretrain-on 'train+val'", "train"),
+             (["--dataset", "npz"], "--data-file ''", ".npz"), (["--data-dir", str(tmp_path / "file")], "--data-dir"),
+             (["--dataset", "shapes", "--color-jitter", "0.4,0.4,0.4,0.6"], "hue h <= 0.5"),
+             (["--save-mined-views"], "--save-mined-views", "image"), (["--k", "5000"], "--k 5000", "eligible"),
+             (["--batch-size", "100000"], "--batch-size 100000", "--batch-size 1348")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda", "--device cpu"))
+    for argv, *words in cases:
+        code, err = refused([*argv, "--out", str(out)], capsys, out)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
+        assert all(w in err for w in words), (argv, err)
+    code, err = refused(["--out", str(tmp_path / "file" / "run")], capsys, out)
+    assert code == 2 and "is a file" in err
+    code, err = refused(["--dataset", "npz", "--data-file", str(tmp_path / "r.npz"), "--out", str(out)], capsys, out)
+    assert code == 1 and "not a NumPy .npz archive" in err and len(err.strip().splitlines()) == 1   # read, then refused
+
+
+def test_every_field_has_a_check_or_is_free_on_purpose():
+    free = {f.name for f in dataclasses.fields(myow.Config) if f.metadata["check"] is myow.FREE}
+    assert free == {"data_dir", "download", "data_file", "out", "resume", "overwrite", "compile",
+                    "save_embeddings", "save_mined_views"}                      # paths and switches
+    for dataset in myow.PRESETS:                                 # every preset passes its own checks
+        if dataset != "npz":
+            myow.parse_config(["--dataset", dataset])
 
 
 # --- supervised baseline and embeddings -------------------------------------------------------
@@ -680,6 +751,14 @@ def test_autocast_is_bf16_for_image_encoders_on_cuda_only():
             ctx = myow.autocast_for(cfg, cuda)
         assert getattr(ctx, "fast_dtype", None) == want, args
         assert getattr(myow.autocast_for(cfg, cpu), "fast_dtype", None) is None
+
+
+def test_cuda_runs_autotune_convolutions(monkeypatch):
+    """Every shape in a run is fixed, so cuDNN may pick its fastest kernels once (a GPU run)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert myow.setup_distributed(myow.parse_config([]))[2].type == "cuda" and torch.backends.cudnn.benchmark
 
 
 @pytest.mark.parametrize("method", ["myow", "byol"])
