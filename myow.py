@@ -85,7 +85,8 @@ class Config:
     download: bool = arg(False, "images: let torchvision download the data set into --data-dir", FREE)
     data_file: str = arg("", "with --dataset npz: your recording (see README)", FREE)
     method: str = arg("myow", "myow | byol (the same code with lambda = 0 and no mining) | supervised "
-                              "(the encoder trained on the labels, sec. 3.3)", ("myow", "byol", "supervised"))
+                              "(the encoder trained on the labels, sec. 3.3) | raw (no training: the readout "
+                              "of the normalised inputs, the floor)", ("myow", "byol", "supervised", "raw"))
     seed: int = arg(0, "random seed of initialisation, batches, augmentations and mining",
                     (lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2^63)"))
     out: str = arg("", "folder for config.json, log.jsonl, checkpoint.pt, results.json; empty: none", FREE)
@@ -199,7 +200,7 @@ PRESETS = {
     "cifar10": IMAGES, "cifar100": IMAGES, "mnist": IMAGES, "random32": IMAGES,
     "tiny-imagenet": dict(IMAGES, image_size=64),
     "shapes": SMALL,                                              # CPU-sized, App. I-style shapes
-    "fashion-mnist": SMALL,
+    "fashion-mnist": SMALL,                                       # the same CPU recipe, for now
 }
 NEURAL = {"synthetic", "chewie1", "chewie2", "mihi1", "mouse", "npz"}
 
@@ -1215,6 +1216,8 @@ def run(cfg):
     t0 = time.time()
     if cfg.method == "supervised":
         f, last = train_supervised(cfg, splits, device), {"mining_class_acc": None}
+    elif cfg.method == "raw":                  # the floor: the same readout on the inputs themselves
+        f, last = nn.Flatten(), {"mining_class_acc": None}
     else:
         monitor = ((lambda f: knn_accuracy(f, splits[0], splits[2]))
                    if cfg.eval_every and splits[0].labels is not None else None)

@@ -663,6 +663,20 @@ def test_every_field_has_a_check_or_is_free_on_purpose():
             myow.parse_config(["--dataset", dataset])
 
 
+def test_raw_method_reads_out_the_normalised_inputs(monkeypatch):
+    """--method raw, the floor of every table: no training, the readout sees exactly the inputs
+    that the encoder would see (z-scored rates with the training split's statistics)."""
+    seen = {}
+    evaluate = myow.linear_eval
+    monkeypatch.setattr(myow, "linear_eval", lambda feats, *a: seen.update(feats=feats) or evaluate(feats, *a))
+    res = myow.run(myow.parse_config(["--method", "raw", "--eval-epochs", "5"]))
+    cfg = myow.parse_config([])
+    _, splits, _, _ = myow.load_neural(cfg, torch.device("cpu"))
+    for got, split in zip(seen["feats"], splits):
+        assert torch.equal(got, split.inputs(torch.arange(len(split))))
+    assert abs(seen["feats"][0].mean()) < 1e-5 and res["train_seconds"] < 0.01 and res["test_acc"] > 50
+
+
 # --- supervised baseline and embeddings -------------------------------------------------------
 def test_supervised_baseline_and_embeddings(tmp_path):
     p = run_cli("--method", "supervised", "--epochs", "40", "--warmup-epochs", "4", "--out", str(tmp_path),
