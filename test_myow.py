@@ -229,7 +229,7 @@ def test_linear_eval_decodes_perfect_features():
     assert res["test_f1"] > 95
 
 
-# --- neural_data ------------------------------------------------------------------------------
+# --- the k-NN monitor (--eval-every) ----------------------------------------------------------
 class Feats:
     """A split whose inputs are already the features (for f = identity)."""
     def __init__(self, x, labels):
@@ -280,6 +280,7 @@ def test_knn_monitor_leaves_training_unchanged():
         assert torch.equal(v, w), k
 
 
+# --- neural_data ------------------------------------------------------------------------------
 def test_binning_matches_a_loop():
     rng = np.random.default_rng(0)
     times, units = rng.uniform(-1, 11, 5000), rng.integers(0, 7, 5000)
@@ -651,7 +652,8 @@ def test_bad_settings_are_refused_before_work_in_one_line(tmp_path, capsys):
     code, err = refused(["--out", str(tmp_path / "file" / "run")], capsys, out)
     assert code == 2 and "is a file" in err
     code, err = refused(["--dataset", "npz", "--data-file", str(tmp_path / "r.npz"), "--out", str(out)], capsys, out)
-    assert code == 1 and "not a NumPy .npz archive" in err and len(err.strip().splitlines()) == 1   # read, then refused
+    assert code == 1 and "not a NumPy .npz archive" in err             # found on reading: a failure
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_every_field_has_a_check_or_is_free_on_purpose():
