@@ -264,18 +264,16 @@ def check_fields(cfg):
     if cfg.save_mined_views and (neural or cfg.method != "myow"):
         raise ConfigError(f"--save-mined-views draws images mined by MYOW; {cfg.dataset} with --method "
                           f"{cfg.method} has none (use an image data set and --method myow)")
-    if cfg.out and not os.path.isdir(existing_parent(cfg.out)):
-        raise ConfigError(f"--out {cfg.out}: {existing_parent(cfg.out)} is a file, not a folder; "
-                          f"give a folder path")
-    if cfg.out and not os.access(existing_parent(cfg.out), os.W_OK):
-        raise ConfigError(f"--out {cfg.out}: cannot write in {existing_parent(cfg.out)}; give a writable "
-                          f"folder")
-    if not os.path.isdir(existing_parent(cfg.data_dir)):
-        raise ConfigError(f"--data-dir {cfg.data_dir}: {existing_parent(cfg.data_dir)} is a file; give the "
-                          f"folder that holds the data (or will, with --download)")
-    if cfg.download and not os.access(existing_parent(cfg.data_dir), os.W_OK):
-        raise ConfigError(f"--download: cannot write in {existing_parent(cfg.data_dir)}; give a writable "
-                          f"--data-dir")
+    out, data_dir = existing_parent(cfg.out or "."), existing_parent(cfg.data_dir)   # what exists
+    if cfg.out and not os.path.isdir(out):
+        raise ConfigError(f"--out {cfg.out}: {out} is a file, not a folder; give a folder path")
+    if cfg.out and not os.access(out, os.W_OK):
+        raise ConfigError(f"--out {cfg.out}: cannot write in {out}; give a writable folder")
+    if not os.path.isdir(data_dir):
+        raise ConfigError(f"--data-dir {cfg.data_dir}: {data_dir} is a file; give the folder that holds "
+                          f"the data (or will, with --download)")
+    if cfg.download and not os.access(data_dir, os.W_OK):
+        raise ConfigError(f"--download: cannot write in {data_dir}; give a writable --data-dir")
     if cfg.dataset == "npz" and not (cfg.data_file.endswith(".npz") and os.path.isfile(cfg.data_file)):
         raise ConfigError(f"--data-file {cfg.data_file!r}: --dataset npz needs an existing .npz file "
                           f"(README: your own recording)")
@@ -630,20 +628,26 @@ def d(p, z):
     return -F.cosine_similarity(p.float(), z.float(), dim=-1)
 
 
-def mine(y_anchor, y_pool, allowed, k):
-    """Section 2.2 / Algorithm 1 'Find N_k(y_m) in S, randomly select y'_m': for each anchor, the
-    k candidates of highest cosine similarity among those `allowed`, and one of them uniformly.
-    y_anchor (B, D), y_pool (L, D), allowed (B, L) bools, or 1/0 floats that are overwritten (they
-    become the similarity matrix: one (B, L) tensor less to write). Returns the chosen pool index
-    (B,) and 1.0 where the anchor had an allowed candidate, else 0.0 (B,): an anchor with fewer
-    than k allowed candidates chooses among those it has, and one with none gets no mined view."""
+def nearest(y_anchor, y_pool, allowed, k):
+    """N_k(y_m): for each anchor the k candidates of highest cosine similarity, those `allowed`
+    first. y_anchor (B, D), y_pool (L, D), allowed (B, L) bools, or 1/0 floats that are overwritten
+    (they become the similarity matrix: one (B, L) tensor less to write). Returns the (B, k)
+    similarities, + 3 where allowed, and the (B, k) pool indices."""
     with torch.autocast(y_anchor.device.type, enabled=False):      # rank in float32, also on GPU
         # cosine similarities lie in [-1, 1]: + 3 for the allowed ones ranks them above all others
         sim = allowed.float().addmm_(F.normalize(y_anchor.float(), dim=1),
                                      F.normalize(y_pool.float(), dim=1).T, beta=3)     # (B, L)
-    top_sim, top_idx = sim.topk(k, dim=1)                                           # (B, k)
+    return sim.topk(k, dim=1)                                                       # (B, k)
+
+
+def mine(y_anchor, y_pool, allowed, k):
+    """Section 2.2 / Algorithm 1 'Find N_k(y_m) in S, randomly select y'_m': one of the k nearest
+    allowed candidates, uniformly. Returns the chosen pool index (B,) and 1.0 where the anchor had
+    an allowed candidate, else 0.0 (B,): an anchor with fewer than k allowed candidates chooses
+    among those it has, and one with none gets no mined view."""
+    top_sim, top_idx = nearest(y_anchor, y_pool, allowed, k)                        # (B, k)
     eligible = top_sim.gt_(1.5)                                    # 1/0, ones first (sorted)
-    pick = (torch.rand(len(sim), device=sim.device) * eligible.sum(1)).long()   # uniform rank
+    pick = (torch.rand(len(top_sim), device=top_sim.device) * eligible.sum(1)).long()   # uniform rank
     return top_idx.gather(1, pick[:, None])[:, 0], eligible[:, 0]
 
 
@@ -838,10 +842,10 @@ def save_mined_views(path, f, target_f, data, cfg, n=32):
     s, c = (torch.randperm(len(data), generator=g, device=data.x.device)[:m] for m in (n, pool_size(cfg)))
     x_m, x_c = data.views(s, cfg, mined=True), data.views(c, cfg, mined=True)
     f.eval(), target_f.eval()
-    y_m, y_c = f(x_m).float(), (target_f if cfg.mine_in == "target" else f)(x_c).float()
+    y_m, y_c = f(x_m), (target_f if cfg.mine_in == "target" else f)(x_c)
     f.train(), target_f.train()
-    sim = data.allowed(s, c, cfg).mul(3).addmm_(F.normalize(y_m, dim=1), F.normalize(y_c, dim=1).T)  # (n, L)
-    rows = torch.cat([x_m[:, None], x_c[sim.topk(cfg.k, dim=1).indices]], 1)      # (n, 1 + k, C, H, W)
+    top = nearest(y_m, y_c, data.allowed(s, c, cfg), cfg.k)[1]                     # (n, k)
+    rows = torch.cat([x_m[:, None], x_c[top]], 1)                                  # (n, 1 + k, C, H, W)
     per_row = max(1, 8 // (1 + cfg.k))                                   # anchors side by side
     torchvision.utils.save_image((rows.flatten(0, 1) * data.std + data.mean).clamp(0, 1), path,
                                  nrow=per_row * (1 + cfg.k), padding=2, pad_value=1.0)
