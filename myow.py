@@ -79,11 +79,13 @@ EXPONENTS = (parses(lambda v: (lambda a, b: a <= b)(*map(int, v.split(":"))) if 
 @dataclass
 class Config:
     dataset: str = arg("synthetic", "neural: synthetic | chewie1 | chewie2 | mihi1 | mouse | npz; images: "
-                                    "shapes | cifar10 | cifar100 | mnist | fashion-mnist | tiny-imagenet | "
+                                    "dsprites | cifar10 | cifar100 | mnist | fashion-mnist | tiny-imagenet | "
                                     "random32", (lambda v: v in PRESETS, "a data set named in --help"))
     data_dir: str = arg("data", "folder holding the published files (downloaded there if missing)", FREE)
     download: bool = arg(False, "images: let torchvision download the data set into --data-dir", FREE)
     data_file: str = arg("", "with --dataset npz: your recording (see README)", FREE)
+    train_fraction: float = arg(0.3, "dsprites: r, the fraction of the kept images that training sees "
+                                     "(App. I: 0.3, 0.15, 0.075)", (lambda v: 0 < v < 1, "in (0, 1)"))
     method: str = arg("myow", "myow | byol (the same code with lambda = 0 and no mining) | supervised "
                               "(the encoder trained on the labels, sec. 3.3) | raw (no training: the readout "
                               "of the normalised inputs, the floor)", ("myow", "byol", "supervised", "raw"))
@@ -193,15 +195,15 @@ IMAGES = dict(optimizer="sgd", lr=0.03, weight_decay=5e-4, warmup_epochs=10, tau
               eval_every=10)                                                                  # App. B, C
 SMALL = dict(IMAGES, arch="convnet", hidden=16, epochs=15, batch_size=256, pool_size=256, proj_hidden=512,
              proj_dim=64, pred_hidden=512, warmup_epochs=2, eval_epochs=30, eval_milestones="20,27",
-             eval_every=5)
+             eval_lr=0.05, eval_every=5)                   # readout lr: validation (README)
 PRESETS = {
     "synthetic": dict(MONKEY, epochs=300),        # offline default; 300 epochs: 82.2 %, 1000: 79.1 %
     "chewie1": MONKEY, "chewie2": MONKEY, "mihi1": MONKEY, "npz": MONKEY,
     "mouse": dict(lr=0.001, rep_dim=64, jitter_s=12.0, min_gap_s=1800.0),   # Appendix D.2
     "cifar10": IMAGES, "cifar100": IMAGES, "mnist": IMAGES, "random32": IMAGES,
     "tiny-imagenet": dict(IMAGES, image_size=64),
-    "shapes": SMALL,                                              # CPU-sized, App. I-style shapes
-    "fashion-mnist": dict(SMALL, image_size=28, epochs=10, eval_lr=0.05),  # README: 15 min on 2 cores
+    "dsprites": dict(SMALL, epochs=12),             # App. I at r = 0.3; README: epochs x 0.3 / r
+    "fashion-mnist": dict(SMALL, image_size=28, epochs=10),       # README: 15 min on 2 cores
 }
 NEURAL = {"synthetic", "chewie1", "chewie2", "mihi1", "mouse", "npz"}
 
@@ -458,31 +460,44 @@ def augment_images(data, idx, cfg, mined):
     return ((x - data.mean) / data.std).contiguous(memory_format=torch.channels_last)
 
 
-def shapes(seed=0, size=32):
-    """Procedural dSprites-style images (App. I): 3 shapes (square, ellipse, triangle) x 6 scales
-    x 10 orientations x 8 x 8 positions, white on black; the label is the shape. A random 80/20
-    split of the 11,520 combinations, deterministic by seed."""
+def dsprites(fraction, seed=0, size=32, n_holes=10000):
+    """dSprites (App. I) drawn procedurally, white on black; the label is the shape. 3 shapes
+    (square, ellipse, heart) x 6 scales x 40 orientations x 16 x 16 positions (dSprites: 32 x 32
+    positions at 64 px; halved to fit a CPU). App. I's holes: a random half of the scale values and
+    of the orientation values is kept, and training sees a fraction r of the kept images.
+    Returns [train, test, holes] as (uint8 images (n, 1, size, size), labels): test = the other
+    kept images, holes = n_holes images of the removed scales or orientations. Depends on seed."""
+    g = torch.Generator().manual_seed(seed)
     shape, scale, angle, px, py = (t.flatten() for t in torch.meshgrid(
-        torch.arange(3.0), torch.linspace(0.3, 0.55, 6), torch.arange(10.0) * (math.pi / 10),
-        torch.linspace(-0.45, 0.45, 8), torch.linspace(-0.45, 0.45, 8), indexing="ij"))
+        torch.arange(3), torch.arange(6), torch.arange(40), torch.arange(16), torch.arange(16), indexing="ij"))
+    kept = (torch.isin(scale, torch.randperm(6, generator=g)[:3])
+            & torch.isin(angle, torch.randperm(40, generator=g)[:20]))
+    ours, holes = (torch.nonzero(m)[:, 0] for m in (kept, ~kept))
+    ours = ours[torch.randperm(len(ours), generator=g)]
+    holes = holes[torch.randperm(len(holes), generator=g)[:n_holes]]
+    n_train = round(fraction * len(ours))
     grid = torch.linspace(-1, 1, size)
-    X, Y = grid[None, None, :] - px[:, None, None], grid[None, :, None] - py[:, None, None]
-    cos, sin = angle.cos()[:, None, None], angle.sin()[:, None, None]
-    u, v = (cos * X + sin * Y) / scale[:, None, None], (cos * Y - sin * X) / scale[:, None, None]
-    inside = torch.stack([torch.maximum(u.abs(), v.abs()) <= 1, u ** 2 + (v / 0.5) ** 2 <= 1,
-                          (v >= -0.5) & (u.abs() * 3 ** 0.5 <= 1 - v)])[shape.long(), torch.arange(len(shape))]
-    x = (inside * 255).to(torch.uint8)[:, None]                              # (M, 1, size, size)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_train = int(0.8 * len(x))
-    return (x[order[:n_train]], shape[order[:n_train]]), (x[order[n_train:]], shape[order[n_train:]])
+
+    def draw(i):                                            # (n,) indices -> (n, 1, size, size)
+        radius = (0.2 + 0.05 * scale[i]).view(-1, 1, 1)       # dSprites' scales 0.5..1 x 0.45
+        a = (angle[i] * (2 * math.pi / 40)).view(-1, 1, 1)
+        X = grid.view(1, 1, -1) - (px[i] * 0.07 - 0.525).view(-1, 1, 1)     # centres in [-0.525, 0.525]
+        Y = grid.view(1, -1, 1) - (py[i] * 0.07 - 0.525).view(-1, 1, 1)
+        u, v = (a.cos() * X + a.sin() * Y) / radius, (a.cos() * Y - a.sin() * X) / radius
+        w = 1.1 * v + 0.15                                                  # the heart, centred
+        inside = torch.stack([torch.maximum(u.abs(), v.abs()) <= 0.8, u ** 2 + (v / 0.5) ** 2 <= 1,
+                              ((1.1 * u) ** 2 + w ** 2 - 1) ** 3 <= (1.1 * u) ** 2 * w ** 3])
+        return (inside[shape[i], torch.arange(len(i))] * 255).to(torch.uint8)[:, None]
+    return [(torch.cat([draw(j) for j in i.split(4096)]), shape[i])
+            for i in (ours[:n_train], ours[n_train:], holes)]
 
 
 def load_images(cfg, device):
     """[train, test] ImageSplits: the public train/test split (App. C), uint8 on the device."""
     import torchvision
     name, root = cfg.dataset, cfg.data_dir
-    if name == "shapes":
-        parts = shapes()
+    if name == "dsprites":
+        parts = dsprites(cfg.train_fraction, cfg.seed, cfg.image_size)
     elif name == "random32":                                  # CIFAR-shaped noise: speed only
         g = torch.Generator().manual_seed(0)
         parts = [(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
@@ -773,7 +788,7 @@ def scores(out, labels, task, n_classes):
 def linear_eval(feats, labels, task, cfg):
     """Train one linear readout per weight decay 2^a (a in the sweep) on frozen train features,
     pick the best on validation, report it on test. Reach: (cos, sin) of the direction with MSE;
-    classes: cross-entropy. feats/labels: [train, val, test] tensors."""
+    classes: cross-entropy. feats/labels: [train, val, test (, holes)] tensors."""
     dev = feats[0].device
     if cfg.eval_wd_exponents:
         a, b = (int(v) for v in cfg.eval_wd_exponents.split(":"))
@@ -805,10 +820,11 @@ def linear_eval(feats, labels, task, cfg):
             opt.step()
     with torch.no_grad():
         val = scores(feats[1] @ W + bias, labels[1], task, n_classes) if feats[1] is not None else {}
-        test = scores(feats[2] @ W + bias, labels[2], task, n_classes)
+        tests = {name: scores(x @ W + bias, l, task, n_classes)        # dsprites: test and holes
+                 for name, x, l in zip(("test", "holes"), feats[2:], labels[2:])}
     key = "f1" if task == "state" else "acc"
     best = int(torch.nan_to_num(val[key], nan=-1).argmax()) if val else 0
-    res = {f"test_{m}": round(float(v[best]), 2) for m, v in test.items()}
+    res = {f"{name}_{m}": round(float(v[best]), 2) for name, test in tests.items() for m, v in test.items()}
     res.update({f"val_{m}": round(float(v[best]), 2) for m, v in val.items()})
     res["eval_weight_decay"] = float(wd[best])
     return res
