@@ -9,7 +9,8 @@ network's representation space, predicted through a second, cascaded projector/p
     python myow.py --dataset chewie1 --data-dir ../shared/data  # monkey reach (Table 3): 9 s, CPU
     python myow.py --dataset mouse --data-dir ../shared/data    # mouse CA1 state (Fig. 4): 2 min, CPU
     python myow.py --dataset chewie1 --method byol              # the same code without mining
-    python myow.py --dataset shapes                             # procedural images: 4 min, CPU
+    python myow.py --dataset fashion-mnist --data-dir ../shared/data   # real images: 13 min, CPU
+    python myow.py --dataset dsprites --train-fraction 0.075 --epochs 48  # App. I's holes, no download
     python myow.py --dataset cifar10 --epochs 800 --download    # Table 1, Appendix C, one GPU
     torchrun --nproc_per_node 4 myow.py --dataset cifar10       # several GPUs; B and L are global
 
@@ -460,16 +461,20 @@ def augment_images(data, idx, cfg, mined):
     return ((x - data.mean) / data.std).contiguous(memory_format=torch.channels_last)
 
 
+DSPRITES = (3, 6, 40, 16, 16)               # shapes, scales, orientations, x and y positions
+
+
 def dsprites(fraction, seed=0, size=32, n_holes=10000):
     """dSprites (App. I) drawn procedurally, white on black; the label is the shape. 3 shapes
     (square, ellipse, heart) x 6 scales x 40 orientations x 16 x 16 positions (dSprites: 32 x 32
     positions at 64 px; halved to fit a CPU). App. I's holes: a random half of the scale values and
     of the orientation values is kept, and training sees a fraction r of the kept images.
-    Returns [train, test, holes] as (uint8 images (n, 1, size, size), labels): test = the other
-    kept images, holes = n_holes images of the removed scales or orientations. Depends on seed."""
+    Returns [train, test, holes] as (uint8 images (n, 1, size, size), indices into the grid of
+    latents DSPRITES): test = the other kept images, holes = n_holes images of the removed scales
+    or orientations. Which values are kept and which images train depend on seed."""
     g = torch.Generator().manual_seed(seed)
     shape, scale, angle, px, py = (t.flatten() for t in torch.meshgrid(
-        torch.arange(3), torch.arange(6), torch.arange(40), torch.arange(16), torch.arange(16), indexing="ij"))
+        *(torch.arange(n) for n in DSPRITES), indexing="ij"))                   # latents of each image
     kept = (torch.isin(scale, torch.randperm(6, generator=g)[:3])
             & torch.isin(angle, torch.randperm(40, generator=g)[:20]))
     ours, holes = (torch.nonzero(m)[:, 0] for m in (kept, ~kept))
@@ -488,16 +493,18 @@ def dsprites(fraction, seed=0, size=32, n_holes=10000):
         inside = torch.stack([torch.maximum(u.abs(), v.abs()) <= 0.8, u ** 2 + (v / 0.5) ** 2 <= 1,
                               ((1.1 * u) ** 2 + w ** 2 - 1) ** 3 <= (1.1 * u) ** 2 * w ** 3])
         return (inside[shape[i], torch.arange(len(i))] * 255).to(torch.uint8)[:, None]
-    return [(torch.cat([draw(j) for j in i.split(4096)]), shape[i])
+    return [(torch.cat([draw(j) for j in i.split(4096)]), i)                 # 4,096 images at a time
             for i in (ours[:n_train], ours[n_train:], holes)]
 
 
 def load_images(cfg, device):
-    """[train, test] ImageSplits: the public train/test split (App. C), uint8 on the device."""
+    """[train, test] ImageSplits, the public split (App. C; dsprites: [train, test, holes]), uint8
+    on the device."""
     import torchvision
     name, root = cfg.dataset, cfg.data_dir
     if name == "dsprites":
-        parts = dsprites(cfg.train_fraction, cfg.seed, cfg.image_size)
+        parts = [(x, i // math.prod(DSPRITES[1:]))                             # label: the shape
+                 for x, i in dsprites(cfg.train_fraction, cfg.seed, cfg.image_size)]
     elif name == "random32":                                  # CIFAR-shaped noise: speed only
         g = torch.Generator().manual_seed(0)
         parts = [(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),

@@ -180,7 +180,7 @@ def test_tau_schedule_per_domain():
         cfg = myow.parse_config(argv)
         tau_final = 1.0 if cfg.tau_schedule == "cosine" else cfg.tau
         assert myow.tau_at(1000, 1000, cfg.tau, tau_final) == pytest.approx(cfg.tau)
-    for dataset in ("cifar10", "shapes"):
+    for dataset in ("cifar10", "dsprites"):
         cfg = myow.parse_config(["--dataset", dataset])
         assert cfg.tau_schedule == "cosine" and cfg.tau == 0.996
     with pytest.raises(myow.ConfigError, match="tau-schedule"):
@@ -445,7 +445,8 @@ def test_torchrun_cli_prints_one_json_line(tmp_path):
 def test_torchrun_byol_on_images(tmp_path):
     """BYOL on images under DistributedDataParallel: several steps (DDP checks at every step after
     the first that each parameter got its gradient) and one JSON line."""
-    p = torchrun(2, "myow.py", "--dataset", "shapes", "--method", "byol", "--epochs", "1", "--batch-size", "1024",
+    p = torchrun(2, "myow.py", "--dataset", "dsprites", "--train-fraction", "0.15", "--method", "byol", "--epochs", "1",
+                 "--batch-size", "1024",
                  "--eval-epochs", "1", "--eval-milestones", "1")
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads(p.stdout.strip().splitlines()[-1])["world_size"] == 2
@@ -586,7 +587,7 @@ def test_bad_inputs_each_get_one_clear_line(tmp_path):
     one_line_error(run_cli("--k", "5000", "--epochs", "1"), "--k 5000", "eligible pool")
     one_line_error(run_cli("--batch-size", "100000", "--epochs", "1"), "larger than", "--batch-size 1348")
     one_line_error(run_cli("--noise-p", "1.5", "--epochs", "1"), "--noise-p 1.5", "[0, 1]")
-    one_line_error(run_cli("--dataset", "shapes", "--pretrain-on", "train+val"), "--pretrain-on 'train+val'", "train")
+    one_line_error(run_cli("--dataset", "dsprites", "--pretrain-on", "train+val"), "--pretrain-on 'train+val'", "train")
     rates = np.random.default_rng(0).poisson(5, (400, 10)).astype(np.float32)
     rates[17, 3] = np.nan
     np.savez(tmp_path / "nan.npz", firing_rates=rates, time=np.arange(400.0))
@@ -629,8 +630,8 @@ def test_bad_settings_are_refused_before_work_in_one_line(tmp_path, capsys):
     (tmp_path / "r.npz").write_bytes(b"not a NumPy archive")
     cases = [(["--epochs", "0"], "--epochs 0", ">= 1"), (["--ckpt-every", "0"], "--ckpt-every 0"),
              (["--hidden", "0"], "--hidden 0"), (["--jitter-s", "-1"], "--jitter-s -1.0"),
-             (["--dataset", "shapes", "--crop-area", "abc"], "--crop-area 'abc'", "lo:hi"),
-             (["--dataset", "shapes", "--color-jitter", "1,2"], "--color-jitter '1,2'", "four numbers"),
+             (["--dataset", "dsprites", "--crop-area", "abc"], "--crop-area 'abc'", "lo:hi"),
+             (["--dataset", "dsprites", "--color-jitter", "1,2"], "--color-jitter '1,2'", "four numbers"),
              (["--eval-wd-exponents", "x"], "--eval-wd-exponents 'x'"), (["--eval-milestones", "a"], "'a'"),
              (["--lr", "-1"], "--lr -1.0", "> 0"), (["--tau", "1.5"], "--tau 1.5", "[0, 1]"),
              (["--noise-std", "-1"], "--noise-std -1.0"), (["--mining-ramp-epochs", "-5"], "-5"),
@@ -638,9 +639,9 @@ def test_bad_settings_are_refused_before_work_in_one_line(tmp_path, capsys):
              (["--batch-size", "1"], "--batch-size 1", ">= 2"), (["--k", "0"], "--k 0", ">= 1"),
              (["--epochs", "abc"], "--epochs", "invalid int value: 'abc'"), (["--method", "simclr"], "'simclr'"),
              (["--dataset", "cifar10", "--arch", "mlp"], "--arch 'mlp'", "resnet18"),
-             (["--dataset", "shapes", "--pretrain-on", "train+val"], "--pretrain-on 'train+val'", "train"),
+             (["--dataset", "dsprites", "--pretrain-on", "train+val"], "--pretrain-on 'train+val'", "train"),
              (["--dataset", "npz"], "--data-file ''", ".npz"), (["--data-dir", str(tmp_path / "file")], "--data-dir"),
-             (["--dataset", "shapes", "--color-jitter", "0.4,0.4,0.4,0.6"], "hue h <= 0.5"),
+             (["--dataset", "dsprites", "--color-jitter", "0.4,0.4,0.4,0.6"], "hue h <= 0.5"),
              (["--save-mined-views"], "--save-mined-views", "image"), (["--k", "5000"], "--k 5000", "eligible"),
              (["--batch-size", "100000"], "--batch-size 100000", "--batch-size 1348")]
     if not torch.cuda.is_available():
@@ -781,7 +782,7 @@ def test_cuda_runs_autotune_convolutions(monkeypatch):
 def test_every_online_parameter_gets_a_gradient(method):
     """DistributedDataParallel waits for a gradient of every parameter: a module that a method
     builds but never uses (h for BYOL) hangs the second step on several GPUs."""
-    cfg = myow.parse_config(["--dataset", "shapes", "--method", method, "--batch-size", "16", "--pool-size", "16"])
+    cfg = myow.parse_config(["--dataset", "dsprites", "--method", method, "--batch-size", "16", "--pool-size", "16"])
     data = image_split(torch.randint(0, 256, (16, 1, 32, 32), dtype=torch.uint8))
     model, target = myow.build_networks(cfg, data)
     s = torch.arange(16)
@@ -838,13 +839,13 @@ def test_image_embeddings_are_the_test_set_with_its_labels(tmp_path, monkeypatch
     small[1].labels = torch.arange(40) % 3
     small[0].labels = torch.arange(64) % 3
     monkeypatch.setattr(myow, "load_images", lambda cfg, device: list(small))
-    cfg = myow.parse_config(["--dataset", "shapes", "--epochs", "1", "--batch-size", "32", "--pool-size", "32",
+    cfg = myow.parse_config(["--dataset", "dsprites", "--epochs", "1", "--batch-size", "32", "--pool-size", "32",
                              "--eval-epochs", "1", "--eval-milestones", "1", "--out", str(tmp_path),
                              "--save-embeddings", "--eval-every", "1"])
     res = myow.run(cfg)
     emb = np.loadtxt(tmp_path / "embeddings.tsv", delimiter="\t")
     meta = open(tmp_path / "metadata.tsv").read().splitlines()
-    assert emb.shape == (40, 128) and meta[0] == "split\tlabel"
+    assert emb.shape == (40, 9 * 128) and meta[0]      # small CNN: 3 x 3 x 128 == "split\tlabel"
     assert [int(m.split("\t")[1]) for m in meta[1:]] == small[1].labels.tolist()
     assert res["knn_acc"] is not None and json.loads(open(tmp_path / "log.jsonl").readline())["knn_acc"] >= 0
 
@@ -855,7 +856,7 @@ def test_mined_views_picture_shows_each_anchor_next_to_its_nearest_candidate(tmp
     torch.manual_seed(0)
     half = torch.randint(0, 256, (16, 1, 32, 32), dtype=torch.uint8)
     data = image_split(torch.cat([half, half]))
-    cfg = myow.parse_config(["--dataset", "shapes", "--k", "1", "--pool-size", "32", "--mined-crop-area", "1:1"])
+    cfg = myow.parse_config(["--dataset", "dsprites", "--k", "1", "--pool-size", "32", "--mined-crop-area", "1:1"])
     saved = {}
     monkeypatch.setattr("torchvision.utils.save_image", lambda t, path, **kw: saved.update(t=t, kw=kw))
     myow.save_mined_views(str(tmp_path / "m.png"), torch.nn.Flatten(), torch.nn.Flatten(), data, cfg)
@@ -886,23 +887,28 @@ def test_cifar10_layout_loads_through_the_real_loader(tmp_path, monkeypatch):
         myow.load_images(cfg, torch.device("cpu"))
 
 
-def test_image_path_learns_on_shapes():
-    """A short CPU run on the procedural shapes: the linear probe beats the same probe on the
-    untrained encoder, and chance (1/3) by far."""
-    cfg = myow.parse_config(["--dataset", "shapes", "--epochs", "3", "--eval-epochs", "15",
+def test_image_path_learns_on_dsprites():
+    """A short CPU run on 2,048 dSprites images: the linear readout of the trained encoder beats
+    the same readout of the untrained one, and chance (1/3), by far."""
+    cfg = myow.parse_config(["--dataset", "dsprites", "--epochs", "6", "--eval-epochs", "15",
                              "--eval-milestones", "10"])
-    res = myow.run(cfg)
-    splits = myow.load_images(cfg, torch.device("cpu"))
+    train, test, _ = myow.load_images(cfg, torch.device("cpu"))
+    train, test = (myow.ImageSplit(s.x[:n], s.labels[:n], train.mean, train.std, 32) for s, n in
+                   ((train, 2048), (test, 4096)))
     torch.manual_seed(cfg.seed)
-    f = myow.build_networks(cfg, splits[0])[0].net.f
-    feats = myow.representations(f, splits)
-    untrained = myow.linear_eval([feats[0], None, feats[1]], [splits[0].labels, None, splits[1].labels], "class", cfg)
-    assert res["test_acc"] > max(70, untrained["test_acc"] + 5), (res, untrained)
+    untrained = myow.build_networks(cfg, train)[0].net.f
+    model, _ = myow.train(cfg, train, torch.device("cpu"), lambda *a, **k: None)
+    acc = {}
+    for name, f in (("untrained", untrained), ("trained", model.net.f)):
+        feats = myow.representations(f, [train, test])
+        acc[name] = myow.linear_eval([feats[0], None, feats[1]], [train.labels, None, test.labels], "class",
+                                     cfg)["test_acc"]
+    assert acc["trained"] > max(50, acc["untrained"] + 5), acc
 
 
 @pytest.mark.parametrize("method", ["myow", "byol"])
 def test_image_step_runs_for_both_methods(method):
-    cfg = myow.parse_config(["--dataset", "shapes", "--method", method, "--epochs", "1", "--batch-size", "32",
+    cfg = myow.parse_config(["--dataset", "dsprites", "--method", method, "--epochs", "1", "--batch-size", "32",
                              "--pool-size", "32"])
     splits = myow.load_images(cfg, torch.device("cpu"))
     splits[0] = myow.ImageSplit(splits[0].x[:64], splits[0].labels[:64], splits[0].mean, splits[0].std, 32)
@@ -917,3 +923,48 @@ def test_unlabelled_recording_trains(tmp_path):
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert "test_acc" not in res and res["mining_class_acc"] is None     # nothing to compare with
+
+
+# --- dSprites (Appendix I) and the supervised baseline on images ------------------------------
+def test_dsprites_has_holes_in_the_latent_manifold_as_appendix_i():
+    """Half of the 6 scale and of the 40 orientation values kept (the same halves in train and
+    test), training a fraction r of the kept images, test the rest of them, holes outside."""
+    r, grid = 0.075, myow.DSPRITES
+    (x_tr, i_tr), (x_te, i_te), (x_ho, i_ho) = myow.dsprites(r, seed=4)
+    latents = [torch.stack(torch.unravel_index(i, grid), 1) for i in (i_tr, i_te, i_ho)]   # (n, 5)
+    kept_scales, kept_angles = latents[0][:, 1].unique(), latents[0][:, 2].unique()
+    assert len(kept_scales) == 3 and len(kept_angles) == 20
+    for lat in latents[1:2]:
+        assert set(lat[:, 1].tolist()) == set(kept_scales.tolist())
+        assert set(lat[:, 2].tolist()) == set(kept_angles.tolist())
+    in_kept = torch.isin(latents[2][:, 1], kept_scales) & torch.isin(latents[2][:, 2], kept_angles)
+    assert not in_kept.any() and len(i_ho) == 10000
+    kept = 3 * 3 * 20 * 16 * 16
+    assert len(i_tr) == round(r * kept) and len(i_tr) + len(i_te) == kept
+    assert len(set(i_tr.tolist()) | set(i_te.tolist())) == kept                 # disjoint, complete
+    assert x_tr.shape == (len(i_tr), 1, 32, 32) and x_tr.dtype == torch.uint8
+    assert (x_tr.flatten(1).float().mean(1) > 0).all()                     # every sprite is drawn
+    # all three shapes, in equal shares up to sampling
+    assert (latents[0][:, 0].bincount(minlength=3).float() / len(i_tr) - 1 / 3).abs().max() < 0.05
+    assert not torch.equal(myow.dsprites(r, seed=5)[0][1], i_tr)             # holes depend on the seed
+
+
+def test_supervised_baseline_on_images_trains_the_same_encoder():
+    """Two classes of images (dark and bright): the supervised baseline learns them with the
+    encoder --arch builds, and its readout separates them."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.randint(0, 100, (128, 1, 32, 32)), torch.randint(155, 256, (128, 1, 32, 32))])
+    data = image_split(x.to(torch.uint8))
+    data.labels = torch.arange(256) // 128
+    cfg = myow.parse_config(["--dataset", "dsprites", "--method", "supervised", "--epochs", "5",
+                             "--batch-size", "64", "--warmup-epochs", "1", "--eval-epochs", "10",
+                             "--eval-milestones", "8"])
+    torch.manual_seed(cfg.seed)
+    built = myow.build_networks(cfg, data)[0].net.f                  # the initial f of MYOW and BYOL
+    f = myow.train_supervised(cfg, [data, None, data], torch.device("cpu"))
+    before, after = built.state_dict(), f.state_dict()
+    assert [t.shape for t in after.values()] == [t.shape for t in before.values()]
+    assert not torch.equal(after["0.weight"], before["0.weight"])     # the encoder itself trained
+    feats = myow.representations(f, [data, data])
+    res = myow.linear_eval([feats[0], None, feats[1]], [data.labels, None, data.labels], "class", cfg)
+    assert res["test_acc"] > 95, res
