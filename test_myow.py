@@ -445,9 +445,8 @@ def test_torchrun_cli_prints_one_json_line(tmp_path):
 def test_torchrun_byol_on_images(tmp_path):
     """BYOL on images under DistributedDataParallel: several steps (DDP checks at every step after
     the first that each parameter got its gradient) and one JSON line."""
-    p = torchrun(2, "myow.py", "--dataset", "dsprites", "--train-fraction", "0.15", "--method", "byol", "--epochs", "1",
-                 "--batch-size", "1024",
-                 "--eval-epochs", "1", "--eval-milestones", "1")
+    p = torchrun(2, "myow.py", "--dataset", "dsprites", "--train-fraction", "0.15", "--method", "byol",
+                 "--epochs", "1", "--batch-size", "1024", "--eval-epochs", "1", "--eval-milestones", "1")
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads(p.stdout.strip().splitlines()[-1])["world_size"] == 2
 
@@ -845,7 +844,7 @@ def test_image_embeddings_are_the_test_set_with_its_labels(tmp_path, monkeypatch
     res = myow.run(cfg)
     emb = np.loadtxt(tmp_path / "embeddings.tsv", delimiter="\t")
     meta = open(tmp_path / "metadata.tsv").read().splitlines()
-    assert emb.shape == (40, 9 * 128) and meta[0]      # small CNN: 3 x 3 x 128 == "split\tlabel"
+    assert emb.shape == (40, 9 * 128) and meta[0] == "split\tlabel"     # small CNN: 3 x 3 x 128
     assert [int(m.split("\t")[1]) for m in meta[1:]] == small[1].labels.tolist()
     assert res["knn_acc"] is not None and json.loads(open(tmp_path / "log.jsonl").readline())["knn_acc"] >= 0
 
@@ -934,9 +933,8 @@ def test_dsprites_has_holes_in_the_latent_manifold_as_appendix_i():
     latents = [torch.stack(torch.unravel_index(i, grid), 1) for i in (i_tr, i_te, i_ho)]   # (n, 5)
     kept_scales, kept_angles = latents[0][:, 1].unique(), latents[0][:, 2].unique()
     assert len(kept_scales) == 3 and len(kept_angles) == 20
-    for lat in latents[1:2]:
-        assert set(lat[:, 1].tolist()) == set(kept_scales.tolist())
-        assert set(lat[:, 2].tolist()) == set(kept_angles.tolist())
+    assert set(latents[1][:, 1].tolist()) == set(kept_scales.tolist())      # test: the same values
+    assert set(latents[1][:, 2].tolist()) == set(kept_angles.tolist())
     in_kept = torch.isin(latents[2][:, 1], kept_scales) & torch.isin(latents[2][:, 2], kept_angles)
     assert not in_kept.any() and len(i_ho) == 10000
     kept = 3 * 3 * 20 * 16 * 16
