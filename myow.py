@@ -170,8 +170,8 @@ class Config:
                                            "empty: none (App. C)", EXPONENTS)
     # -- supervised baseline (sec. 3.3: "weight regularization and dropout"; values not given) --
     sup_dropout: float = arg(0.5, "dropout after each encoder block of the supervised baseline, which "
-                                  "otherwise uses --weight-decay (both chosen on Chewie-1 validation)",
-                            BELOW1)
+                                  "otherwise uses --weight-decay (validation: 0.5 Chewie-1, 0.2 Mouse-CA1)",
+                             BELOW1)
     # -- run --
     device: str = arg("auto", "auto (cuda if available), cpu or cuda", ("auto", "cpu", "cuda"))
     compile: bool = arg(False, "torch.compile the online and target networks", FREE)
@@ -201,7 +201,7 @@ SMALL = dict(IMAGES, arch="convnet", hidden=16, batch_size=256, pool_size=256, p
 PRESETS = {
     "synthetic": dict(MONKEY, epochs=300),        # offline default; 300 epochs: 84.4 %, 1000: 77.7 % (README)
     "chewie1": MONKEY, "chewie2": MONKEY, "mihi1": MONKEY, "npz": MONKEY,
-    "mouse": dict(lr=0.001, rep_dim=64, jitter_s=12.0, min_gap_s=1800.0),   # Appendix D.2
+    "mouse": dict(lr=0.001, rep_dim=64, jitter_s=12.0, min_gap_s=1800.0, sup_dropout=0.2),   # App. D.2
     "cifar10": IMAGES, "cifar100": IMAGES, "mnist": IMAGES, "random32": IMAGES,
     "tiny-imagenet": dict(IMAGES, image_size=64),
     "dsprites": dict(SMALL, epochs=12),             # App. I at r = 0.3; README: epochs x 0.3 / r
@@ -293,8 +293,8 @@ class NeuralSplit:
     """One split of a recording as tensors on the device, so batches are indexed, not loaded."""
 
     def __init__(self, rec, idx, keep, mean, std, cfg, device):
-        self.x = torch.as_tensor(rec.rates[idx][:, keep], device=device)          # (N, D) Hz
-        self.mean, self.std = mean.to(device), std.to(device)                   # (D,) train stats
+        self.x = torch.as_tensor(rec.rates[idx][:, keep], device=device)          # (N, units) Hz
+        self.mean, self.std = mean.to(device), std.to(device)       # (units,) of what training sees
         self.labels = None if rec.labels is None else torch.as_tensor(rec.labels[idx], device=device)
         self.task = rec.task
         lo, hi = neural_data.jitter_bounds(rec.trial[idx], rec.time[idx], cfg.jitter_s)
@@ -310,7 +310,7 @@ class NeuralSplit:
     def inputs(self, idx):                                     # unaugmented, for evaluation
         return (self.x[idx] - self.mean) / self.std
 
-    def views(self, idx, cfg, mined=False):                    # T_m = T for neural data (App. D.1)
+    def views(self, idx, cfg, t_m=False):                      # T_m = T for neural data (App. D.1)
         return augment_neural(self, idx, cfg)
 
     def allowed(self, s, c, cfg):                              # (B, L) mining mask (App. B)
@@ -320,16 +320,17 @@ class NeuralSplit:
 def augment_neural(data, idx, cfg):
     """One view t(s) per index, every random choice drawn per sample (Appendix D.1, J):
     temporal jitter -> randomized dropout -> Gaussian noise -> pepper -> normalization."""
-    n, D = len(idx), data.x.shape[1]
+    n, n_units = len(idx), data.x.shape[1]
     dev = data.x.device
     j = data.jitter_lo[idx] + (torch.rand(n, device=dev) * data.jitter_n[idx]).long()
-    x = data.x[j]                                                                 # (n, D) Hz
+    x = data.x[j]                                                           # (n, n_units) Hz
     p_drop = torch.rand(n, 1, device=dev) * cfg.dropout_max                      # rate per sample
-    x.mul_(torch.rand(n, D, device=dev).ge_(p_drop))        # in-place 0/1: no bool (n, D) tensor
+    x.mul_(torch.rand(n, n_units, device=dev).ge_(p_drop))     # in-place 0/1: no bool tensor
     noisy = torch.nonzero(torch.rand(n, device=dev) < cfg.noise_p)[:, 0]         # rows with noise
-    x.index_add_(0, noisy, torch.randn(len(noisy), D, device=dev), alpha=cfg.noise_std)
+    x.index_add_(0, noisy, torch.randn(len(noisy), n_units, device=dev), alpha=cfg.noise_std)
     pep = torch.nonzero(torch.rand(n, device=dev) < cfg.pepper_p)[:, 0]          # rows with pepper
-    x.index_add_(0, pep, torch.rand(len(pep), D, device=dev).lt_(cfg.pepper_rate), alpha=cfg.pepper_value)
+    pepper = torch.rand(len(pep), n_units, device=dev).lt_(cfg.pepper_rate)
+    x.index_add_(0, pep, pepper, alpha=cfg.pepper_value)
     return x.sub_(data.mean).div_(data.std)
 
 
@@ -338,14 +339,15 @@ def load_neural(cfg, device):
     self-supervised training sees (train, or train + val without labels: --pretrain-on)."""
     rec = neural_data.validate(neural_data.load_recording(cfg.dataset, cfg.data_dir, cfg.data_file))
     idx = neural_data.temporal_split(rec.trial)
-    train = rec.rates[idx[0]]
-    std = train.std(0)
+    seen = np.concatenate(idx[:2]) if cfg.pretrain_on == "train+val" else idx[0]   # labels unused
+    # z-scored with the statistics of the samples training sees (never test), as the authors' code;
+    # on Mouse-CA1 validation +0.8 F1 over train-only statistics (README)
+    rates = rec.rates[seen]
+    std = rates.std(0)
     keep = std > 0          # neurons silent throughout training carry nothing (data README)
-    mean = torch.as_tensor(train.mean(0)[keep])
-    std = torch.as_tensor(std[keep])
+    mean, std = torch.as_tensor(rates.mean(0)[keep]), torch.as_tensor(std[keep])
     splits = [NeuralSplit(rec, i, keep, mean, std, cfg, device) for i in idx]
-    pretrain = (NeuralSplit(rec, np.concatenate(idx[:2]), keep, mean, std, cfg, device)
-                if cfg.pretrain_on == "train+val" else splits[0])
+    pretrain = NeuralSplit(rec, seen, keep, mean, std, cfg, device) if len(seen) > len(idx[0]) else splits[0]
     return rec, splits, idx, pretrain
 
 
@@ -374,8 +376,8 @@ class ImageSplit:
             x = F.interpolate(x, size=self.size, mode="bicubic", align_corners=False).clamp(0, 1)
         return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
-    def views(self, idx, cfg, mined=False):
-        return augment_images(self, idx, cfg, mined)
+    def views(self, idx, cfg, t_m=False):                      # t ~ T, or t_m ~ T_m
+        return augment_images(self, idx, cfg, t_m)
 
     def allowed(self, s, c, cfg):                              # images need no mask (App. B), but a
         return (s[:, None] != c[None, :]).float()              # sample is not its own mined view
@@ -387,15 +389,15 @@ def crop_flip_params(n, area, flip_p, device):
     affine matrices in the [-1, 1] coordinates of F.affine_grid."""
     a = torch.empty(n, 10, device=device).uniform_(*area)
     ratio = torch.empty(n, 10, device=device).uniform_(math.log(3 / 4), math.log(4 / 3)).exp()
-    w, h = (a * ratio).sqrt(), (a / ratio).sqrt()                 # crop sides, fractions of the image
-    fits = (w <= 1) & (h <= 1)
+    sw, sh = (a * ratio).sqrt(), (a / ratio).sqrt()               # crop sides, fractions of the image
+    fits = (sw <= 1) & (sh <= 1)
     first = fits.float().argmax(1, keepdim=True)
-    w = torch.where(fits.any(1), w.gather(1, first)[:, 0], 1.0)
-    h = torch.where(fits.any(1), h.gather(1, first)[:, 0], 1.0)
-    cx, cy = (torch.rand(2, n, device=device) * 2 - 1) * (1 - torch.stack([w, h]))   # crop centres
-    sx = w * torch.where(torch.rand(n, device=device) < flip_p, -1.0, 1.0)
-    zero = torch.zeros_like(w)
-    return torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
+    sw = torch.where(fits.any(1), sw.gather(1, first)[:, 0], 1.0)
+    sh = torch.where(fits.any(1), sh.gather(1, first)[:, 0], 1.0)
+    cx, cy = (torch.rand(2, n, device=device) * 2 - 1) * (1 - torch.stack([sw, sh]))   # crop centres
+    sx = sw * torch.where(torch.rand(n, device=device) < flip_p, -1.0, 1.0)
+    zero = torch.zeros_like(sw)
+    return torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, sh, cy], 1)], 1)
 
 
 def gray(x):
@@ -407,14 +409,15 @@ def gray(x):
 def shift_hue(x, shift):
     """torchvision's adjust_hue for a batch: RGB -> HSV, h + shift (mod 1), HSV -> RGB.
     x (n, 3, H, W) in [0, 1], shift (n, 1, 1) in turns."""
-    r, g, b = x.unbind(1)
+    red, green, blue = x.unbind(1)
     mn, v = x.aminmax(dim=1)                                               # (n, H, W)
     c = v - mn                                                             # chroma
     s = c / torch.where(c > 0, v, 1.0)
-    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * c, r - g + 4 * c))
-    h = (h / (6 * torch.where(c > 0, c, 1.0)) + shift).remainder(1)       # (n, H, W) in turns
+    hue = torch.where(v == red, green - blue,
+                      torch.where(v == green, blue - red + 2 * c, red - green + 4 * c))
+    hue = (hue / (6 * torch.where(c > 0, c, 1.0)) + shift).remainder(1)   # (n, H, W) in turns
     sector = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)   # R, G, B
-    k = (6 * h[:, None] + sector).remainder(6)                            # (n, 3, H, W)
+    k = (6 * hue[:, None] + sector).remainder(6)                          # (n, 3, H, W)
     return v[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
@@ -447,16 +450,16 @@ def color_jitter(x, strengths, p, order=None, factors=None):
     return torch.where(torch.rand(n, 1, 1, 1, device=dev) < p, y, x)
 
 
-def augment_images(data, idx, cfg, mined):
+def augment_images(data, idx, cfg, t_m):
     """T (App. C): crop (area 0.2-1) + flip as one bicubic affine warp, color jitter, grayscale.
     T_m: the crop alone, area 0.8-1 (App. C, H). Every parameter is drawn per sample."""
     n = len(idx)
     x = data.x[idx].float().div_(255)                                        # (n, C, H, W)
-    lo, hi = (float(v) for v in (cfg.mined_crop_area if mined else cfg.crop_area).split(":"))
-    theta = crop_flip_params(n, (lo, hi), 0.0 if mined else cfg.flip_p, x.device)
-    grid = F.affine_grid(theta, [n, x.shape[1], data.size, data.size], align_corners=False)
+    lo, hi = (float(v) for v in (cfg.mined_crop_area if t_m else cfg.crop_area).split(":"))
+    affine = crop_flip_params(n, (lo, hi), 0.0 if t_m else cfg.flip_p, x.device)
+    grid = F.affine_grid(affine, [n, x.shape[1], data.size, data.size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bicubic", padding_mode="reflection", align_corners=False).clamp_(0, 1)
-    if not mined:
+    if not t_m:
         x = color_jitter(x, [float(v) for v in cfg.color_jitter.split(",")], cfg.color_p)
         x = torch.where(torch.rand(n, 1, 1, 1, device=x.device) < cfg.gray_p, gray(x).expand_as(x), x)
     return ((x - data.mean) / data.std).contiguous(memory_format=torch.channels_last)
@@ -473,14 +476,14 @@ def dsprites(fraction, seed=0, size=32, n_holes=10000):
     Returns [train, test, holes] as (uint8 images (n, 1, size, size), indices into the grid of
     latents DSPRITES): test = the other kept images, holes = n_holes images of the removed scales
     or orientations. Which values are kept and which images train depend on seed."""
-    g = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     shape, scale, angle, px, py = (t.flatten() for t in torch.meshgrid(
         *(torch.arange(n) for n in DSPRITES), indexing="ij"))                   # latents of each image
-    kept = (torch.isin(scale, torch.randperm(6, generator=g)[:3])
-            & torch.isin(angle, torch.randperm(40, generator=g)[:20]))
+    kept = (torch.isin(scale, torch.randperm(6, generator=gen)[:3])
+            & torch.isin(angle, torch.randperm(40, generator=gen)[:20]))
     ours, holes = (torch.nonzero(m)[:, 0] for m in (kept, ~kept))
-    ours = ours[torch.randperm(len(ours), generator=g)]
-    holes = holes[torch.randperm(len(holes), generator=g)[:n_holes]]
+    ours = ours[torch.randperm(len(ours), generator=gen)]
+    holes = holes[torch.randperm(len(holes), generator=gen)[:n_holes]]
     n_train = round(fraction * len(ours))
     grid = torch.linspace(-1, 1, size)
 
@@ -507,9 +510,9 @@ def load_images(cfg, device):
         parts = [(x, i // math.prod(DSPRITES[1:]))                             # label: the shape
                  for x, i in dsprites(cfg.train_fraction, cfg.seed, cfg.image_size)]
     elif name == "random32":                                  # CIFAR-shaped noise: speed only
-        g = torch.Generator().manual_seed(0)
-        parts = [(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                  torch.randint(0, 10, (n,), generator=g)) for n in (50000, 10000)]
+        gen = torch.Generator().manual_seed(0)
+        parts = [(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen),
+                  torch.randint(0, 10, (n,), generator=gen)) for n in (50000, 10000)]
     elif name == "tiny-imagenet":
         parts = load_tiny_imagenet(os.path.join(root, "tiny-imagenet-200"))
     else:
@@ -547,8 +550,10 @@ def load_tiny_imagenet(base):
     train = [(os.path.join(base, "train", w, "images", f), i) for i, w in enumerate(wnids)
              for f in sorted(os.listdir(os.path.join(base, "train", w, "images")))]
     with open(os.path.join(base, "val", "val_annotations.txt")) as fh:
-        val = [(os.path.join(base, "val", "images", l.split("\t")[0]), wnids.index(l.split("\t")[1])) for l in fh]
-    return [(torch.stack([read(p) for p, _ in files]), torch.tensor([c for _, c in files])) for files in (train, val)]
+        val = [(os.path.join(base, "val", "images", name), wnids.index(wnid))
+               for name, wnid, *_ in (line.split("\t") for line in fh)]
+    return [(torch.stack([read(p) for p, _ in files]), torch.tensor([c for _, c in files]))
+            for files in (train, val)]
 
 
 # =============================================================================================
@@ -556,10 +561,11 @@ def load_tiny_imagenet(base):
 # =============================================================================================
 
 
-def mlp(i, h, o):
-    """MLP(i, h, o) of Appendix C: Linear, BatchNorm, ReLU, Linear. A Linear followed by BatchNorm
+def mlp(n_in, width, n_out):
+    """MLP(in, width, out) of Appendix C: Linear, BatchNorm, ReLU, Linear. A Linear followed by BatchNorm
     needs no bias (BatchNorm subtracts it again); leaving it out saves a copy and a sum per step."""
-    return nn.Sequential(nn.Linear(i, h, bias=False), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Linear(h, o))
+    return nn.Sequential(nn.Linear(n_in, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
+                         nn.Linear(width, n_out))
 
 
 def neural_encoder(n_in, hidden, rep_dim, blocks=4, dropout=0.0):
@@ -710,46 +716,6 @@ def lambda_at(step, ramp, weight):
     return weight * min(1.0, step / ramp) if ramp > 0 else weight
 
 
-class AdamW:
-    """torch.optim.AdamW's update (decoupled weight decay; betas 0.9, 0.999, eps 1e-8) on one flat
-    tensor: every parameter becomes a view into it, so a step is a handful of operations instead
-    of a handful per parameter. (torch.optim would also import torch._dynamo, 1 s of a 10 s run.)
-    The loop sets the lr in param_groups[0]["lr"], as with torch.optim; a parameter without a
-    gradient counts as a zero gradient (torch.optim would skip it; no model here has one)."""
-
-    def __init__(self, params, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
-        self.params, self.param_groups = list(params), [{"lr": lr}]
-        self.weight_decay, self.betas, self.eps, self.t = weight_decay, betas, eps, 0
-        self.flat = torch.cat([p.detach().reshape(-1) for p in self.params])             # (P,)
-        for p, view in zip(self.params, self.flat.split([p.numel() for p in self.params])):
-            p.data = view.view_as(p)
-        self.m, self.v = torch.zeros_like(self.flat), torch.zeros_like(self.flat)      # moments
-
-    def zero_grad(self, set_to_none=True):
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self):
-        lr, (b1, b2) = self.param_groups[0]["lr"], self.betas
-        self.t += 1
-        g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                       for p in self.params])                                          # (P,)
-        self.flat.mul_(1 - lr * self.weight_decay)                                     # decoupled decay
-        self.m.lerp_(g, 1 - b1)                                        # m <- b1 m + (1 - b1) g
-        self.v.mul_(b2).addcmul_(g, g, value=1 - b2)                   # v <- b2 v + (1 - b2) g^2
-        c1, c2 = 1 - b1 ** self.t, math.sqrt(1 - b2 ** self.t)         # bias corrections
-        self.flat.addcdiv_(self.m, self.v.sqrt().add_(self.eps * c2), value=-lr * c2 / c1)
-
-    def state_dict(self):
-        return {"t": self.t, "m": self.m, "v": self.v}
-
-    def load_state_dict(self, state):
-        self.t = state["t"]
-        self.m.copy_(state["m"])
-        self.v.copy_(state["v"])
-
-
 # =============================================================================================
 # Linear evaluation (Appendix D): all weight decays of the sweep trained at once
 # =============================================================================================
@@ -806,18 +772,18 @@ def linear_eval(feats, labels, task, cfg):
     S, D = len(wd), feats[0].shape[1]
     n_classes = 8 if task == "reach" else int(max(l.max() for l in labels if l is not None)) + 1
     O = 2 if task == "reach" else n_classes
-    g = torch.Generator(device=feats[0].device).manual_seed(cfg.seed)
+    gen = torch.Generator(device=feats[0].device).manual_seed(cfg.seed)
     bound = 1 / math.sqrt(D)                                       # nn.Linear's initialisation
-    W = ((torch.rand(D, O, generator=g, device=wd.device) * 2 - 1) * bound).repeat(S, 1, 1)
+    W = ((torch.rand(D, O, generator=gen, device=wd.device) * 2 - 1) * bound).repeat(S, 1, 1)
     bias = torch.zeros(S, 1, O, device=wd.device)
     W.requires_grad_(), bias.requires_grad_()
     milestones = [int(v) for v in cfg.eval_milestones.split(",") if v]
     opt = (torch.optim.SGD([W, bias], lr=cfg.eval_lr, momentum=0.9) if milestones   # App. C
-           else AdamW([W, bias], lr=cfg.eval_lr, weight_decay=0.0))   # App. D; decay per readout below
+           else torch.optim.AdamW([W, bias], lr=cfg.eval_lr, weight_decay=0.0))   # App. D; decay below
     X, Y = feats[0], labels[0]
     for epoch in range(cfg.eval_epochs):
         opt.param_groups[0]["lr"] = cfg.eval_lr * 0.1 ** sum(epoch >= m for m in milestones)
-        for i in torch.randperm(len(X), generator=g, device=X.device).split(cfg.eval_batch_size):
+        for i in torch.randperm(len(X), generator=gen, device=X.device).split(cfg.eval_batch_size):
             out = X[i] @ W + bias                                  # (S, b, O)
             loss = decoding_loss(out, Y[i], task).sum()            # readouts are independent
             opt.zero_grad(set_to_none=True)
@@ -870,9 +836,9 @@ def save_mined_views(path, f, target_f, data, cfg, n=32):
     training (T_m views, y_m = f(x_m) against the candidates' target representations, the mask),
     with BatchNorm in eval mode so that the saved networks are left as they are."""
     import torchvision
-    g = torch.Generator(data.x.device).manual_seed(cfg.seed)         # training's streams untouched
-    s, c = (torch.randperm(len(data), generator=g, device=data.x.device)[:m] for m in (n, pool_size(cfg)))
-    x_m, x_c = data.views(s, cfg, mined=True), data.views(c, cfg, mined=True)
+    gen = torch.Generator(data.x.device).manual_seed(cfg.seed)         # training's streams untouched
+    s, c = (torch.randperm(len(data), generator=gen, device=data.x.device)[:m] for m in (n, pool_size(cfg)))
+    x_m, x_c = data.views(s, cfg, t_m=True), data.views(c, cfg, t_m=True)
     f.eval(), target_f.eval()
     y_m, y_c = f(x_m), (target_f if cfg.mine_in == "target" else f)(x_c)
     f.train(), target_f.train()
@@ -981,7 +947,7 @@ def check_config(cfg, data, world):
         L = pool_size(cfg)
         # candidates each anchor may ever mine among the training samples, by the mask (App. B)
         every = torch.arange(len(data), device=data.x.device)
-        some = every[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:1024].to(data.x.device)]
+        some = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:1024].to(every.device)
         typical = int(data.allowed(some, every, cfg).sum(1).median())
         if not 1 <= cfg.k <= min(L, typical):
             raise ConfigError(f"--k {cfg.k} is larger than the eligible pool: L = {L} candidates, and "
@@ -994,7 +960,8 @@ def optimizer(cfg, model):
     (BatchNorm scales and shifts and biases, the 1-d tensors, undecayed as in BYOL and the
     authors' image code). App. D: AdamW for neural data, decay on every parameter."""
     if cfg.optimizer == "adamw":
-        return AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # foreach: a few operations over all tensors a step (on CPU torch loops over them by default)
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     params = list(model.parameters())
     return torch.optim.SGD([{"params": [p for p in params if p.ndim > 1]},
                             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
@@ -1008,46 +975,95 @@ def autocast_for(cfg, device):
     return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and bf16 else nullcontext()
 
 
-def train(cfg, data, device, log, rank=0, world=1, state=None, monitor=None):
-    """Algorithm 1 on the split `data`. Returns the online model and the last epoch's log record.
-    monitor(f) -> accuracy in %, called on rank 0 every --eval-every epochs (knn_accuracy)."""
+def setup_training(cfg, data, device):
+    """The online model (theta and the predictors), the target network xi and the optimiser on the
+    device, and what a step calls: the online model (under DDP with torchrun), the target encoder
+    and the views (all compiled with --compile: the views' elementwise chains fuse)."""
     torch.manual_seed(cfg.seed)                                   # same initial theta everywhere
     model, target = build_networks(cfg, data)
     fmt = torch.channels_last if cfg.arch != "mlp" else torch.contiguous_format
     model, target = model.to(device, memory_format=fmt), target.to(device, memory_format=fmt)
     if dist.is_initialized() and device.type == "cuda":   # BatchNorm over the global batch (GPU only)
         model, target = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (model, target))
-    opt = optimizer(cfg, model)                # before DDP: AdamW moves the parameters
-    online = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-              if dist.is_initialized() else model)
+    opt = optimizer(cfg, model)
+    online = model
+    if dist.is_initialized():
+        ids = [device] if device.type == "cuda" else None
+        online = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     target_f, views = target.f, data.views
-    if cfg.compile:             # the views too: their elementwise chains fuse into a few kernels
+    if cfg.compile:
         online, target_f, views = torch.compile(online), torch.compile(target.f), torch.compile(data.views)
-    xi, theta = ema_tensors(target), ema_tensors(model.net)
-    autocast = autocast_for(cfg, device)
-    N, B, L = len(data), cfg.batch_size, pool_size(cfg)
-    b, l = B // world, L // world                               # this rank's share
+    return model, target, opt, (model, online, target, target_f, views)
+
+
+def restore(state, model, target, opt, index_gen, rank, device):
+    """--resume: the networks, the optimiser and this rank's random streams as the checkpoint left them."""
+    model.load_state_dict(state["model"])
+    target.load_state_dict(state["target"])
+    opt.load_state_dict(state["opt"])
+    rng = state["rng"][rank]
+    torch.set_rng_state(rng["torch"])
+    index_gen.set_state(rng["index"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state["epoch"], state["last"]
+
+
+def myow_step(cfg, data, nets, s_all, c_all, lam, rank, world):
+    """The loss of Algorithm 1 for one batch: s_all (B,) anchors and c_all (L,) candidates, the
+    same on every rank; this rank makes the views of its share (b anchors, l candidates). Returns
+    (loss, augmented-view loss, mined-view loss, mined views of the anchor's label, mined views)."""
+    model, online, target, target_f, views = nets
+    b, l = len(s_all) // world, len(c_all) // world
+    s, c = s_all[rank * b:(rank + 1) * b], c_all[rank * l:(rank + 1) * l]
     mining = cfg.method == "myow"
     fresh = mining and cfg.pool == "fresh"          # else the candidates are the batch's views x'
-    third = mining and cfg.anchor_view == "new"     # else x doubles as the anchor x_m (T_m = T)
-    anchors = (slice(2 * b, 3 * b) if third else slice(0, b)) if mining else None   # online rows
-    cand = slice(2 * b, None) if fresh else slice(b, 2 * b)          # target rows of the candidates
+    new_anchor = mining and cfg.anchor_view == "new"   # else x is the anchor x_m (T_m = T)
+    x, x2 = views(torch.cat([s, s]), cfg).split(b)                 # x = t(s), x' = t'(s); t, t' ~ T
+    # T_m views in one call: x_m = t_m(s) (Alg. 1) and x_c = t_m(c) (fresh candidates, App. B)
+    wanted = [s] * new_anchor + [c] * fresh
+    x_m, x_c = (views(torch.cat(wanted), cfg, t_m=True).split([b * new_anchor, l * fresh]) if wanted
+                else (x[:0], x[:0]))
+    with autocast_for(cfg, x.device):
+        with torch.no_grad():                                      # target network xi
+            y_t = target_f(torch.cat([x, x2, x_c]))                # (2b [+ l], D)
+            z_t = target.g(y_t)
+            u, z2 = z_t[:b], z_t[b:2 * b]                          # u = g(f(x)), z' = g(f(x'))
+        anchors = slice(2 * b, 3 * b) if new_anchor else slice(0, b)   # online rows of y_m
+        y, p, r_v = online(torch.cat([x, x2, x_m]), 2 * b, anchors if mining else None)
+        loss_aug = 2 * d(p, torch.cat([z2, u])).mean()             # d(q(z), z') + d(q(u'), u)
+        zero = torch.zeros((), device=x.device)
+        if not mining:
+            return torch.stack([loss_aug, loss_aug, zero, zero, zero])
+        with torch.no_grad():
+            cand = slice(2 * b, None) if fresh else slice(b, 2 * b)    # target rows of the candidates
+            if cfg.mine_in == "target":
+                y_pool = y_t[cand]                                 # (l, D) f_xi(x_c)
+            else:                                                  # App. F: online space
+                y_pool = model.net.f(x_c) if fresh else y[cand]
+            y_pool = all_gather(y_pool)                            # (L, D)
+            v_pool = all_gather(target.mined_space(y_t[cand], z_t[cand]))  # (L, Dv) v' of the candidates
+            allowed = data.allowed(s, c_all, cfg)                  # (b, L) mask (App. B)
+            j, has = mine(y[anchors], y_pool, allowed, cfg.k)
+        n_mined = has.sum()                                        # anchors with a mined view
+        loss_mine = (d(r_v, v_pool[j]) * has).sum() / n_mined.clamp(min=1)
+        same = ((data.labels[s] == data.labels[c_all[j]]) * has).sum() if data.labels is not None else zero
+        return torch.stack([loss_aug + lam * loss_mine, loss_aug, loss_mine, same, n_mined])
+
+
+def train(cfg, data, device, log, rank=0, world=1, state=None, monitor=None):
+    """Algorithm 1 on the split `data`: epochs of steps, then the log, the monitor and the
+    checkpoint. Returns the online model and the last epoch's log record. monitor(f) -> accuracy
+    in %, called on rank 0 every --eval-every epochs (knn_accuracy)."""
+    model, target, opt, nets = setup_training(cfg, data, device)
+    xi, theta = ema_tensors(target), ema_tensors(model.net)
+    N, B, L = len(data), cfg.batch_size, pool_size(cfg)
     steps_per_epoch = N // B                                               # full batches only
     total = cfg.epochs * steps_per_epoch
     log_every = cfg.log_every or max(1, cfg.epochs // 20)
     index_gen = torch.Generator(device).manual_seed(cfg.seed)  # batches and pools: same on all ranks
     torch.manual_seed(cfg.seed + rank)                          # augmentations: one stream per rank
-    start, last = 0, None
-    if state is not None:                                       # --resume
-        model.load_state_dict(state["model"])
-        target.load_state_dict(state["target"])
-        opt.load_state_dict(state["opt"])
-        start, last = state["epoch"], state["last"]
-        rng = state["rng"][rank]
-        torch.set_rng_state(rng["torch"])
-        index_gen.set_state(rng["index"])
-        if "cuda" in rng and device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"])
+    start, last = restore(state, model, target, opt, index_gen, rank, device) if state else (0, None)
     ckpt = os.path.join(cfg.out, "checkpoint.pt") if cfg.out else None
     stop = {"interrupted": False}
 
@@ -1066,48 +1082,17 @@ def train(cfg, data, device, log, rank=0, world=1, state=None, monitor=None):
             lam = lambda_at(step, cfg.mining_ramp_epochs * steps_per_epoch, cfg.mining_weight)
             for group in opt.param_groups:
                 group["lr"] = lr
-            s_all = perm[it * B:(it + 1) * B]                  # (B,) the global batch's anchors
-            s = s_all[rank * b:(rank + 1) * b]                  # (b,) this rank's
-            if fresh:   # an independent stream of permutations (App. B), drawn alike on every rank
-                c_all = torch.cat([torch.randperm(N, generator=index_gen, device=device)
-                                   for _ in range(-(-L // N))])[:L]                   # (L,); L may exceed N
-            else:
-                c_all = s_all
-            c = c_all[rank * l:(rank + 1) * l]                  # (l,) this rank's candidates
-            # Views: x = t(s), x' = t'(s) with t, t' ~ T; x_m = t_m(s), x_c = t_m(c) with t_m ~ T_m.
-            x, x2 = views(torch.cat([s, s]), cfg).split(b)
-            mined = (views(torch.cat([s] * third + [c] * fresh), cfg, mined=True) if third or fresh
-                     else x[:0])
-            x_m, x_c = mined[:b * third], mined[b * third:]
-            with autocast:
-                with torch.no_grad():                                      # target network xi
-                    y_t = target_f(torch.cat([x, x2, x_c]))                # (2b [+ l], D)
-                    z_t = target.g(y_t)
-                    u, z2 = z_t[:b], z_t[b:2 * b]                          # u = g(f(x)), z' = g(f(x'))
-                y, p, r_v = online(torch.cat([x, x2, x_m]), 2 * b, anchors)
-                loss_aug = 2 * d(p, torch.cat([z2, u])).mean()             # d(q(z), z') + d(q(u'), u)
-                loss_mine = torch.zeros((), device=device)
-                if mining:
-                    with torch.no_grad():
-                        if cfg.mine_in == "target":
-                            y_pool = y_t[cand]                             # (l, D) f_xi(x_c)
-                        else:                                              # App. F: online space
-                            y_pool = model.net.f(x_c) if fresh else y[cand]
-                        y_pool = all_gather(y_pool)                        # (L, D)
-                        v_pool = all_gather(target.mined_space(y_t[cand], z_t[cand]))  # (L, Dv)
-                        allowed = data.allowed(s, c_all, cfg)              # (b, L) mask (App. B)
-                        j, has = mine(y[anchors], y_pool, allowed, cfg.k)
-                    n_mined = has.sum()                                    # anchors with a mined view
-                    loss_mine = (d(r_v, v_pool[j]) * has).sum() / n_mined.clamp(min=1)
-                    if data.labels is not None:                            # no host sync
-                        stats[3] += ((data.labels[s] == data.labels[c_all[j]]) * has).sum()
-                    stats[4] += n_mined
-                loss = loss_aug + lam * loss_mine
+            s = perm[it * B:(it + 1) * B]                      # (B,) the global batch's anchors
+            c = s                                              # (L,) candidates: the batch's x'
+            if cfg.method == "myow" and cfg.pool == "fresh":   # or an independent stream (App. B)
+                c = torch.cat([torch.randperm(N, generator=index_gen, device=device)
+                               for _ in range(-(-L // N))])[:L]                     # L may exceed N
+            out = myow_step(cfg, data, nets, s, c, lam, rank, world)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            out[0].backward()
             opt.step()
-            update_target(xi, theta, tau)
-            stats[:3] += torch.stack([loss.detach(), loss_aug.detach(), loss_mine.detach()])
+            update_target(xi, theta, tau)                                  # eq. (2)
+            stats += out.detach()
             step += 1
         interrupted = torch.tensor(float(stop["interrupted"]), device=device)
         if world > 1:                             # every rank stops together; logs cover all ranks
@@ -1117,12 +1102,13 @@ def train(cfg, data, device, log, rank=0, world=1, state=None, monitor=None):
         st = (stats / steps_per_epoch).tolist()
         if not all(map(math.isfinite, st[:3])):   # a NaN or inf anywhere in the epoch stays in its mean
             raise FloatingPointError(f"non-finite loss in epoch {epoch + 1} (mean loss {st[0]:.4g}: "
-                                     f"augmented-view loss {st[1]:.4g}, mined-view loss {st[2]:.4g}, lambda "
-                                     f"{lam:.4g}); lower --lr. The last good checkpoint is kept.")
+                                     f"augmented-view loss {st[1]:.4g}, mined-view loss {st[2]:.4g}, "
+                                     f"lambda {lam:.4g}); lower --lr. The last good checkpoint is kept.")
+        mining, labels = cfg.method == "myow", data.labels is not None
         last = {"epoch": epoch + 1, "loss": st[0], "loss_aug": st[1], "loss_mined": st[2] if mining else None,
-                "lr": lr, "tau": tau, "lambda": lam,
-                "mining_class_acc": (100 * stats[3].item() / max(1, stats[4].item())
-                                     if mining and data.labels is not None else None)}
+                "lr": lr, "tau": tau, "lambda": lam, "mining_class_acc": None}
+        if mining and labels:                                      # App. F: mined views of the anchor's label
+            last["mining_class_acc"] = 100 * stats[3].item() / max(1, stats[4].item())
         if monitor and rank == 0 and (epoch + 1) % cfg.eval_every == 0:
             last["knn_acc"] = monitor(model.net.f)
         done = epoch + 1 - start
@@ -1137,8 +1123,8 @@ def train(cfg, data, device, log, rank=0, world=1, state=None, monitor=None):
             if rank == 0:
                 save_checkpoint(ckpt, state)
         if interrupted:
-            raise KeyboardInterrupt(f"interrupted after epoch {epoch + 1}"
-                                    + (f"; checkpoint written, continue with --resume --out {cfg.out}" if ckpt else ""))
+            raise KeyboardInterrupt(f"interrupted after epoch {epoch + 1}" + (
+                f"; checkpoint written, continue with --resume --out {cfg.out}" if ckpt else ""))
     signal.signal(signal.SIGINT, previous_handler)
     if cfg.save_mined_views and rank == 0:
         save_mined_views(os.path.join(cfg.out, "mined_views.png"), model.net.f, target.f, data, cfg)
@@ -1147,38 +1133,46 @@ def train(cfg, data, device, log, rank=0, world=1, state=None, monitor=None):
 
 def train_supervised(cfg, splits, device):
     """The supervised baseline of Table 3: the same encoder trained end to end on the labels
-    through a linear head, with the same optimiser and schedule. Neural data: unaugmented, with
-    dropout after every block and weight decay (sec. 3.3). Images: on crops of T_m (area 0.8-1),
-    the mildest of the paper's views. Returns the encoder f."""
-    data, task = splits[0], splits[0].task
+    through a linear head, with the same optimiser and schedule, on views of T_m (neural data: T,
+    which is T_m there; images: crops of area 0.8-1), with dropout after every block and weight
+    decay (sec. 3.3). Where there is a validation split, the encoder of the epoch whose head scores
+    best there is kept: the number of epochs is chosen on validation. Returns the encoder f."""
+    data, val, task = splits[0], splits[1], splits[0].task
     torch.manual_seed(cfg.seed)
     n_out = 2 if task == "reach" else int(data.labels.max()) + 1
     f, D = encoder(cfg, data, dropout=cfg.sup_dropout)
     model = nn.Sequential(f, nn.Linear(D, n_out)).to(device)
     opt = optimizer(cfg, model)
-    if cfg.arch == "mlp":
-        X = data.inputs(torch.arange(len(data), device=device))
-        inputs = lambda s: X[s]
-    else:
-        inputs = lambda s: data.views(s, cfg, mined=True)
     N, B = len(data), cfg.batch_size
     steps_per_epoch, t0 = N // B, time.time()
     total = cfg.epochs * steps_per_epoch
+    best, best_f = -math.inf, None
     for epoch in range(cfg.epochs):
         loss_sum = torch.zeros((), device=device)
         for it, s in enumerate(torch.randperm(N, device=device)[:steps_per_epoch * B].split(B)):
             step = epoch * steps_per_epoch + it
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
-            loss = decoding_loss(model(inputs(s)), data.labels[s], task)
+            loss = decoding_loss(model(data.views(s, cfg, t_m=True)), data.labels[s], task)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             loss_sum += loss.detach()
-        last = {"epoch": epoch + 1, "loss": loss_sum.item() / steps_per_epoch, "lr": opt.param_groups[0]["lr"]}
+        if val is not None:                                   # early stopping, on validation only
+            with torch.no_grad():
+                model.eval()
+                score = scores(model(val.inputs(torch.arange(len(val), device=device)))[None],
+                               val.labels, task, n_out)["f1" if task == "state" else "acc"].item()
+                model.train()
+            if score > best:
+                best, best_f = score, copy.deepcopy(f.state_dict())
+        last = {"epoch": epoch + 1, "loss": loss_sum.item() / steps_per_epoch, "lr": group["lr"]}
         if (epoch + 1) % (cfg.log_every or max(1, cfg.epochs // 20)) == 0:
-            print(f"epoch {epoch + 1:4d}/{cfg.epochs} | supervised loss {last['loss']:.4f} | lr {last['lr']:.2e}"
-                  f" | {(epoch + 1) * steps_per_epoch * B / (time.time() - t0):,.0f} samples/s", flush=True)
+            print(f"epoch {epoch + 1:4d}/{cfg.epochs} | supervised loss {last['loss']:.4f} | "
+                  f"lr {last['lr']:.2e} | {(epoch + 1) * steps_per_epoch * B / (time.time() - t0):,.0f} "
+                  f"samples/s" + (f" | best validation {best:.2f}" if val is not None else ""), flush=True)
+    if best_f is not None:
+        f.load_state_dict(best_f)
     return f
 
 
