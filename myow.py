@@ -41,9 +41,7 @@ import torch.nn.functional as F
 
 import neural_data
 
-# =============================================================================================
-# Configuration
-# =============================================================================================
+# ==== Configuration ===============================================================================
 
 
 def arg(default, help, check):
@@ -199,7 +197,7 @@ SMALL = dict(IMAGES, arch="convnet", hidden=16, batch_size=256, pool_size=256, p
              proj_dim=64, pred_hidden=512, warmup_epochs=2, eval_epochs=30, eval_milestones="20,27",
              eval_lr=0.05, eval_every=5)                   # readout lr: validation (README)
 PRESETS = {
-    "synthetic": dict(MONKEY, epochs=300),        # offline default; 300 epochs: 84.4 %, 1000: 77.7 % (README)
+    "synthetic": dict(MONKEY, epochs=300),        # offline default: 300 epochs, a few seconds (README)
     "chewie1": MONKEY, "chewie2": MONKEY, "mihi1": MONKEY, "npz": MONKEY,
     "mouse": dict(lr=0.001, rep_dim=64, jitter_s=12.0, min_gap_s=1800.0, sup_dropout=0.2),   # App. D.2
     "cifar10": IMAGES, "cifar100": IMAGES, "mnist": IMAGES, "random32": IMAGES,
@@ -284,9 +282,7 @@ def check_fields(cfg):
                           f"(README: your own recording)")
 
 
-# =============================================================================================
-# Data and augmentations for neural activity (Appendix D.1, J)
-# =============================================================================================
+# ==== Data and augmentations for neural activity (Appendix D.1, J) ================================
 
 
 class NeuralSplit:
@@ -351,9 +347,7 @@ def load_neural(cfg, device):
     return rec, splits, idx, pretrain
 
 
-# =============================================================================================
-# Data and augmentations for images (Appendix C), made on the device in batches
-# =============================================================================================
+# ==== Data and augmentations for images (Appendix C), made on the device in batches ===============
 CIFAR20 = [4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11, 6, 11, 5, 10, 7, 6, 13,
            15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5, 5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4,
            17, 4, 2, 0, 17, 4, 18, 17, 10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13,
@@ -477,7 +471,7 @@ def dsprites(fraction, seed=0, size=32, n_holes=10000):
     latents DSPRITES): test = the other kept images, holes = n_holes images of the removed scales
     or orientations. Which values are kept and which images train depend on seed."""
     gen = torch.Generator().manual_seed(seed)
-    shape, scale, angle, px, py = (t.flatten() for t in torch.meshgrid(
+    shape, scale, angle, px, py = (v.flatten() for v in torch.meshgrid(
         *(torch.arange(n) for n in DSPRITES), indexing="ij"))                   # latents of each image
     kept = (torch.isin(scale, torch.randperm(6, generator=gen)[:3])
             & torch.isin(angle, torch.randperm(40, generator=gen)[:20]))
@@ -522,7 +516,7 @@ def load_images(cfg, device):
         if not first:
             dist.barrier()              # under torchrun rank 0 downloads and extracts alone, then all read
         try:
-            sets = [cls(root, train=t, download=cfg.download and first) for t in (True, False)]
+            sets = [cls(root, train=part, download=cfg.download and first) for part in (True, False)]
         except RuntimeError as e:
             raise neural_data.DataError(f"{name} is not in {root} ({e}); add --download (needs internet) "
                                         f"or place torchvision's standard layout there") from None
@@ -556,9 +550,7 @@ def load_tiny_imagenet(base):
             for files in (train, val)]
 
 
-# =============================================================================================
-# Networks: encoder f, projectors g and h, predictors q and r
-# =============================================================================================
+# ==== Networks: encoder f, projectors g and h, predictors q and r =================================
 
 
 def mlp(n_in, width, n_out):
@@ -655,9 +647,7 @@ def build_networks(cfg, data):
     return MYOW(net, q, r), copy.deepcopy(net).requires_grad_(False)        # init xi <- theta
 
 
-# =============================================================================================
-# The method: loss, mining, target update, schedules
-# =============================================================================================
+# ==== The method: loss, mining, target update, schedules ==========================================
 
 
 def d(p, z):
@@ -690,7 +680,7 @@ def mine(y_anchor, y_pool, allowed, k):
 
 def ema_tensors(net):
     """The tensors eq. (2) averages: parameters and BatchNorm statistics."""
-    return [t for t in list(net.parameters()) + list(net.buffers()) if t.is_floating_point()]
+    return [p for p in list(net.parameters()) + list(net.buffers()) if p.is_floating_point()]
 
 
 @torch.no_grad()
@@ -716,9 +706,7 @@ def lambda_at(step, ramp, weight):
     return weight * min(1.0, step / ramp) if ramp > 0 else weight
 
 
-# =============================================================================================
-# Linear evaluation (Appendix D): all weight decays of the sweep trained at once
-# =============================================================================================
+# ==== Linear evaluation (Appendix D): all weight decays of the sweep trained at once ==============
 
 
 def angle_error(pred, labels):
@@ -849,9 +837,7 @@ def save_mined_views(path, f, target_f, data, cfg, n=32):
                                  nrow=per_row * (1 + cfg.k), padding=2, pad_value=1.0)
 
 
-# =============================================================================================
-# Distributed training hooks (torchrun) and checkpoints
-# =============================================================================================
+# ==== Distributed training hooks (torchrun) and checkpoints =======================================
 
 
 def setup_distributed(cfg):
@@ -867,12 +853,12 @@ def setup_distributed(cfg):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def all_gather(t):
+def all_gather(x):
     """Concatenate a tensor from all ranks, in rank order (the global mining pool, sec. 2.3)."""
     if not dist.is_initialized():
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
 
 
@@ -923,9 +909,7 @@ def load_checkpoint(path, cfg):
     return state
 
 
-# =============================================================================================
-# Training loop (Algorithm 1)
-# =============================================================================================
+# ==== Training loop (Algorithm 1) =================================================================
 
 
 def pool_size(cfg):
@@ -1176,9 +1160,7 @@ def train_supervised(cfg, splits, device):
     return f
 
 
-# =============================================================================================
-# Entry point
-# =============================================================================================
+# ==== Entry point =================================================================================
 
 
 def make_logger(cfg):

@@ -667,6 +667,27 @@ def test_raw_method_reads_out_the_normalised_inputs(monkeypatch):
 
 
 # --- supervised baseline and embeddings -------------------------------------------------------
+def test_supervised_baseline_keeps_the_encoder_of_its_best_validation_epoch(monkeypatch):
+    """Early stopping on validation: with the best validation score after epoch 1 of 3, the encoder
+    returned is the one after epoch 1 (the same as a 1-epoch run: inside the warm-up the lr does not
+    depend on the number of epochs); with the best after epoch 3, it is the fully trained one."""
+    cfg = lambda epochs: myow.parse_config(["--method", "supervised", "--epochs", str(epochs),
+                                            "--warmup-epochs", "100", "--batch-size", "128"])
+    _, splits, _, _ = myow.load_neural(cfg(1), torch.device("cpu"))
+    score = myow.scores
+
+    def trained(epochs, val_scores):
+        it = iter(val_scores)
+        monkeypatch.setattr(myow, "scores", lambda *a: dict.fromkeys(("acc", "f1"), torch.tensor(next(it))))
+        f = myow.train_supervised(cfg(epochs), splits, torch.device("cpu"))
+        monkeypatch.setattr(myow, "scores", score)
+        return [p.detach().clone() for p in f.state_dict().values()]
+    after_one = trained(1, [50.0])
+    best_first, best_last = trained(3, [90.0, 10.0, 20.0]), trained(3, [10.0, 20.0, 90.0])
+    assert all(torch.equal(a, b) for a, b in zip(after_one, best_first))
+    assert not all(torch.equal(a, b) for a, b in zip(after_one, best_last))
+
+
 def test_supervised_baseline_and_embeddings(tmp_path):
     p = run_cli("--method", "supervised", "--epochs", "40", "--warmup-epochs", "4", "--out", str(tmp_path),
                 "--save-embeddings")
