@@ -342,7 +342,9 @@ def load_neural(cfg, device):
     keep = std > 0          # neurons silent throughout training carry nothing (data README)
     mean, std = torch.as_tensor(rates.mean(0)[keep]), torch.as_tensor(std[keep])
     splits = [NeuralSplit(rec, i, keep, mean, std, cfg, device) for i in idx]
-    pretrain = NeuralSplit(rec, seen, keep, mean, std, cfg, device) if len(seen) > len(idx[0]) else splits[0]
+    pretrain = splits[0]
+    if cfg.pretrain_on == "train+val":
+        pretrain = NeuralSplit(rec, seen, keep, mean, std, cfg, device)
     return rec, splits, idx, pretrain
 
 
