@@ -963,7 +963,8 @@ def autocast_for(cfg, device):
 def setup_training(cfg, data, device):
     """The online model (theta and the predictors), the target network xi and the optimiser on the
     device, and what a step calls: the online model (under DDP with torchrun), the target encoder
-    and the views (all compiled with --compile: the views' elementwise chains fuse)."""
+    and the views (all compiled with --compile: the views' elementwise chains fuse), and the
+    autocast context, decided once."""
     torch.manual_seed(cfg.seed)                                   # same initial theta everywhere
     model, target = build_networks(cfg, data)
     fmt = torch.channels_last if cfg.arch != "mlp" else torch.contiguous_format
@@ -978,7 +979,7 @@ def setup_training(cfg, data, device):
     target_f, views = target.f, data.views
     if cfg.compile:
         online, target_f, views = torch.compile(online), torch.compile(target.f), torch.compile(data.views)
-    return model, target, opt, (model, online, target, target_f, views)
+    return model, target, opt, (model, online, target, target_f, views, autocast_for(cfg, device))
 
 
 def restore(state, model, target, opt, index_gen, rank, device):
@@ -998,7 +999,7 @@ def myow_step(cfg, data, nets, s_all, c_all, lam, rank, world):
     """The loss of Algorithm 1 for one batch: s_all (B,) anchors and c_all (L,) candidates, the
     same on every rank; this rank makes the views of its share (b anchors, l candidates). Returns
     (loss, augmented-view loss, mined-view loss, mined views of the anchor's label, mined views)."""
-    model, online, target, target_f, views = nets
+    model, online, target, target_f, views, autocast = nets
     b, l = len(s_all) // world, len(c_all) // world
     s, c = s_all[rank * b:(rank + 1) * b], c_all[rank * l:(rank + 1) * l]
     mining = cfg.method == "myow"
@@ -1009,7 +1010,7 @@ def myow_step(cfg, data, nets, s_all, c_all, lam, rank, world):
     wanted = [s] * new_anchor + [c] * fresh
     x_m, x_c = (views(torch.cat(wanted), cfg, t_m=True).split([b * new_anchor, l * fresh]) if wanted
                 else (x[:0], x[:0]))
-    with autocast_for(cfg, x.device):
+    with autocast:
         with torch.no_grad():                                      # target network xi
             y_t = target_f(torch.cat([x, x2, x_c]))                # (2b [+ l], D)
             z_t = target.g(y_t)
@@ -1132,6 +1133,8 @@ def train_supervised(cfg, splits, device):
     steps_per_epoch, t0 = N // B, time.time()
     total = cfg.epochs * steps_per_epoch
     best, best_f = -math.inf, None
+    if val is not None:                                       # early stopping, on validation only
+        x_val, key = val.inputs(torch.arange(len(val), device=device)), "f1" if task == "state" else "acc"
     for epoch in range(cfg.epochs):
         loss_sum = torch.zeros((), device=device)
         for it, s in enumerate(torch.randperm(N, device=device)[:steps_per_epoch * B].split(B)):
@@ -1143,11 +1146,10 @@ def train_supervised(cfg, splits, device):
             loss.backward()
             opt.step()
             loss_sum += loss.detach()
-        if val is not None:                                   # early stopping, on validation only
+        if val is not None:
             with torch.no_grad():
                 model.eval()
-                score = scores(model(val.inputs(torch.arange(len(val), device=device)))[None],
-                               val.labels, task, n_out)["f1" if task == "state" else "acc"].item()
+                score = scores(model(x_val)[None], val.labels, task, n_out)[key].item()
                 model.train()
             if score > best:
                 best, best_f = score, copy.deepcopy(f.state_dict())
