@@ -40,55 +40,45 @@ import torch.nn.functional as F
 
 import neural_data
 
+
 # ==== Configuration ===============================================================================
-
-
 def arg(default, help, check):
     """A field: its default, its --help, and what a value may be (checked in check_fields)."""
     return field(default=default, metadata={"help": help, "check": check})
 
 
-def parses(test):                               # a test of a string field's format
-    def ok(v):
-        try:
-            return bool(test(v))
-        except (ValueError, TypeError):
-            return False
-    return ok
-
-
-# What a field may be: a tuple of choices, or (test, description). FREE: any value (switches, and
-# paths checked with the environment in check_fields).
+# What a field may be: a tuple of choices, or (test, description); a test that raises refuses the
+# value. FREE: any value (switches, and paths, checked against the machine in check_fields).
 FREE = None
 INT1, INT0 = (lambda v: v >= 1, "an integer >= 1"), (lambda v: v >= 0, "an integer >= 0")
 POS = (lambda v: 0 < v < math.inf, "a finite number > 0")
 NONNEG = (lambda v: 0 <= v < math.inf, "a finite number >= 0")
 PROB = (lambda v: 0 <= v <= 1, "a probability in [0, 1]")
 BELOW1 = (lambda v: 0 <= v < 1, "in [0, 1)")
-AREA = (parses(lambda v: (lambda lo, hi: 0 < lo <= hi <= 1)(*map(float, v.split(":")))),
+AREA = (lambda v: (lambda lo, hi: 0 < lo <= hi <= 1)(*map(float, v.split(":"))),
         "'lo:hi' with 0 < lo <= hi <= 1")
-JITTER = (parses(lambda v: (lambda *f: len(f) == 4 and all(0 <= x < math.inf for x in f) and f[3] <= 0.5)(
-    *map(float, v.split(",")))), "four numbers 'b,c,s,h', each >= 0, hue h <= 0.5")
-MILESTONES = (parses(lambda v: all(int(m) >= 1 for m in v.split(",")) if v else True),
+JITTER = (lambda v: (lambda *f: len(f) == 4 and all(0 <= x < math.inf for x in f) and f[3] <= 0.5)(
+    *map(float, v.split(","))), "four numbers 'b,c,s,h', each >= 0, hue h <= 0.5")
+MILESTONES = (lambda v: all(int(m) >= 1 for m in v.split(",")) if v else True,
               "epochs 'm1,m2,...' (integers >= 1), or empty")
-EXPONENTS = (parses(lambda v: (lambda a, b: a <= b)(*map(int, v.split(":"))) if v else True),
+EXPONENTS = (lambda v: (lambda a, b: a <= b)(*map(int, v.split(":"))) if v else True,
              "'a:b' with integers a <= b, or empty")
 
 
 @dataclass
 class Config:
     dataset: str = arg("synthetic", "neural: synthetic | chewie1 | chewie2 | mihi1 | mouse | npz; images: "
-                                    "dsprites | cifar10 | cifar100 | mnist | fashion-mnist | tiny-imagenet | "
-                                    "random32", (lambda v: v in PRESETS, "a data set named in --help"))
+                       "dsprites | cifar10 | cifar100 | mnist | fashion-mnist | tiny-imagenet | random32",
+                       (lambda v: v in PRESETS, "a data set named in --help"))
     data_dir: str = arg("data", "folder holding the published files (downloaded there if missing)", FREE)
     download: bool = arg(False, "images: let torchvision download the data set into --data-dir", FREE)
     data_file: str = arg("", "with --dataset npz: your recording (see README)", FREE)
     train_fraction: float = arg(0.3, "dsprites: r, the fraction of the kept images that training sees "
-                                     "(App. I: 0.3, 0.15, 0.075)", (lambda v: 0 < v < 1, "in (0, 1)"))
-    method: str = arg("myow", "myow | byol (the same code with lambda = 0 and no mining) | supervised "
-                              "(the encoder trained on the labels, sec. 3.3) | raw (no training: the readout "
-                              "of the normalised inputs, the floor)", ("myow", "byol", "supervised", "raw"))
-    seed: int = arg(0, "random seed of initialisation, batches, augmentations and mining",
+                                "(App. I: 0.3, 0.15, 0.075)", (lambda v: 0 < v < 1, "in (0, 1)"))
+    method: str = arg("myow", "myow | byol (lambda = 0, no mining) | supervised (the encoder trained on the "
+                      "labels, sec. 3.3) | raw (the readout of the normalised inputs: the floor)",
+                      ("myow", "byol", "supervised", "raw"))
+    seed: int = arg(0, "seed of initialisation, batches, augmentations and mining",
                     (lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2^63)"))
     out: str = arg("", "folder for config.json, log.jsonl, checkpoint.pt, results.json; empty: none", FREE)
     resume: bool = arg(False, "continue the run in --out from its checkpoint", FREE)
@@ -104,44 +94,39 @@ class Config:
     weight_decay: float = arg(2e-5, "weight decay (App. D: 2e-5; App. C: 5e-4)", NONNEG)
     warmup_epochs: int = arg(100, "linear lr warm-up, then cosine decay to 0 (App. D: 100)", INT0)
     tau: float = arg(0.98, "tau, EMA momentum at step 0 (App. D: 0.98)", (lambda v: 0 <= v <= 1, "in [0, 1]"))
-    tau_schedule: str = arg("constant", "constant: tau throughout (the authors' neural code; README: "
-                                        "open); cosine: from tau up to 1 (App. C, D)",
-                            ("constant", "cosine"))
-    pretrain_on: str = arg("train+val", "samples of self-supervised training: train+val (the validation "
-                                        "labels are never used; as the authors' code) or train",
-                           ("train+val", "train"))
+    tau_schedule: str = arg("constant", "constant: tau throughout (the authors' neural code; README: open); "
+                            "cosine: from tau up to 1 (App. C, D)", ("constant", "cosine"))
+    pretrain_on: str = arg("train+val", "samples of self-supervised training: train+val (their labels "
+                           "unused; as the authors' code) or train", ("train+val", "train"))
     # -- mining (section 2.2, Appendix B) --
-    pool_size: int = arg(1024, "L with --pool fresh: candidates drawn per step, shared by all anchors "
-                               "(App. D: 1024)", INT1)
+    pool_size: int = arg(1024, "L with --pool fresh: candidates drawn per step (App. D: 1024)", INT1)
     k: int = arg(5, "k, mined view drawn uniformly from the k nearest candidates (App. D: 5)", INT1)
     mining_weight: float = arg(1.0, "lambda, weight of the mined-view loss (App. D: 1)", NONNEG)
     mining_ramp_epochs: int = arg(10, "lambda ramps linearly from 0 over this many epochs (App. D: 10)", INT0)
-    pool: str = arg("batch", "batch: the candidates are the batch's target views x', L = B (sec. 2.2: "
-                             "'MYOW can be effectively trained using L = B'; no extra forward); fresh: "
-                             "L candidates from an independent sampler (App. B; images)", ("batch", "fresh"))
-    anchor_view: str = arg("shared", "shared: x doubles as the anchor x_m (T_m = T for neural data, "
-                                     "App. D.1); new: a third view x_m = t_m(s) (Alg. 1; images)",
-                           ("shared", "new"))
+    pool: str = arg("batch", "batch: the candidates are the batch's target views x', L = B (sec. 2.2: 'MYOW "
+                    "can be effectively trained using L = B'); fresh: L candidates from an independent "
+                    "sampler (App. B; images)", ("batch", "fresh"))
+    anchor_view: str = arg("shared", "shared: x doubles as the anchor x_m (T_m = T for neural data, App. "
+                           "D.1); new: a third view x_m = t_m(s) (Alg. 1; images)", ("shared", "new"))
     mine_in: str = arg("target", "candidates' representations from the target or online network (App. F)",
                        ("target", "online"))
-    min_gap_s: float = arg(math.inf, "mine only other trials, or the same trial >= this many s away "
-                                     "(App. D.2: 1800 s for sleep; inf: other trials only, App. D.1)",
-                            (lambda v: v >= 0, "seconds >= 0, or inf"))
+    min_gap_s: float = arg(math.inf, "mine only other trials, or the same trial >= this many s away (App. "
+                           "D.2: 1800 s for sleep; inf: other trials only, App. D.1)",
+                           (lambda v: v >= 0, "seconds >= 0, or inf"))
     # -- network (Appendix D.1 "Network Architecture", Appendix C "Architecture") --
     arch: str = arg("mlp", "encoder f: mlp (App. D.1), resnet18 / resnet50 (App. C), convnet (small, CPU)",
                     ("mlp", "convnet", "resnet18", "resnet50"))
-    hidden: int = arg(64, "mlp: width of the 4 encoder blocks Linear+BN+ReLU (App. D: 64); convnet: "
-                              "width of its first block (then x2, x4, x8)", INT1)
+    hidden: int = arg(64, "mlp: width of the 4 blocks Linear+BN+ReLU (App. D: 64); convnet: width of its "
+                      "first block (then x2, x4, x8)", INT1)
     rep_dim: int = arg(32, "mlp: size of y = f(x) (App. D.1: 32 monkeys; D.2: 64 rodents)", INT1)
-    proj_hidden: int = arg(0, "hidden width of g and h, MLP(., 4096, 256) (App. C); 0: no projectors "
-                              "(App. D.1)", INT0)
+    proj_hidden: int = arg(0, "hidden width of g and h, MLP(., 4096, 256) (App. C); 0: none (App. D.1)", INT0)
     proj_dim: int = arg(256, "output size of g and h (App. C: 256)", INT1)
     pred_hidden: int = arg(128, "hidden width of q and r (App. D: MLP(32, 128, 32); App. C: 4096)", INT1)
     layout: str = arg("cascaded", "v = h(g(y)) cascaded (sec. 2.1), h(y) parallel, g(y) single (App. G)",
                       ("cascaded", "parallel", "single"))
     # -- augmentations for spiking data (Appendix D.1, J), drawn per sample --
-    jitter_s: float = arg(0.2, "temporal jitter: a sample of the same trial within this many s "
-                               "(App. D.1: 0.2 s reach; D.2: 12 s sleep)", NONNEG)
+    jitter_s: float = arg(0.2, "temporal jitter: a sample of the same trial within this many s (App. D.1: "
+                          "0.2 s reach; D.2: 12 s sleep)", NONNEG)
     dropout_max: float = arg(0.2, "dropout rate drawn uniformly in [0, this] per sample (App. D.1)", PROB)
     noise_std: float = arg(1.5, "std of additive Gaussian noise, Hz (App. D.1: 1.5)", NONNEG)
     noise_p: float = arg(0.5, "probability a sample gets Gaussian noise (App. D.1: 0.5)", PROB)
@@ -160,29 +145,25 @@ class Config:
     # -- linear evaluation (Appendix D.1 "Evaluation Procedure", Appendix C "Evaluation Protocol") --
     eval_epochs: int = arg(100, "epochs of the linear readout (App. D: 100; App. C: 200)", INT1)
     eval_lr: float = arg(0.01, "lr of the linear readout (App. D: AdamW 0.01; App. C: SGD 0.4)", POS)
-    eval_milestones: str = arg("", "SGD readout: epochs where lr is divided by 10 (App. C: 140,190)",
-                               MILESTONES)
+    eval_milestones: str = arg("", "SGD readout: epochs dividing lr by 10 (App. C: 140,190)", MILESTONES)
     eval_batch_size: int = arg(512, "batch of the linear readout (not given in the paper)", INT1)
     eval_wd_exponents: str = arg("-10:10", "readout weight decays 2^a..2^b, chosen on validation (App. D); "
-                                           "empty: none (App. C)", EXPONENTS)
+                                 "empty: none (App. C)", EXPONENTS)
     # -- supervised baseline (sec. 3.3: "weight regularization and dropout"; values not given) --
-    sup_dropout: float = arg(0.5, "dropout after each encoder block of the supervised baseline, which "
-                                  "otherwise uses --weight-decay (validation: 0.5 Chewie-1, 0.2 Mouse-CA1)",
-                             BELOW1)
+    sup_dropout: float = arg(0.5, "dropout after each encoder block of the supervised baseline, which also "
+                             "uses --weight-decay (validation: 0.5 Chewie-1, 0.2 Mouse-CA1)", BELOW1)
     # -- run --
     device: str = arg("auto", "auto (cuda if available), cpu or cuda", ("auto", "cpu", "cuda"))
     compile: bool = arg(False, "torch.compile the online and target networks", FREE)
     precision: str = arg("auto", "bf16 (autocast on CUDA) or fp32; auto: bf16 for image encoders on CUDA, "
-                                 "fp32 for the MLP (README)", ("auto", "bf16", "fp32"))
+                         "fp32 for the MLP (README)", ("auto", "bf16", "fp32"))
     log_every: int = arg(0, "print progress every this many epochs (0: about 20 lines a run)", INT0)
-    eval_every: int = arg(0, "every this many epochs, a weighted k-NN classifier (k = 200, temperature "
-                             "0.1) of the test set on the training set's representations, logged; 0: off",
-                           INT0)
+    eval_every: int = arg(0, "every this many epochs, log a weighted k-NN classifier's test accuracy (k = "
+                          "200, temperature 0.1) on the training set's representations; 0: off", INT0)
     save_embeddings: bool = arg(False, "write --out/embeddings.tsv + metadata.tsv (TensorBoard projector; "
-                                       "images: the test set)", FREE)
-    save_mined_views: bool = arg(False, "images: write --out/mined_views.png at the end, anchors each "
-                                        "next to its k nearest candidates, mined as in training (Fig. 2)",
-                                 FREE)
+                                "images: the test set)", FREE)
+    save_mined_views: bool = arg(False, "images: write --out/mined_views.png at the end, anchors each next "
+                                 "to its k nearest candidates, mined as in training (Fig. 2)", FREE)
 
 
 # Per-dataset defaults in one table; a flag given on the command line always wins.
@@ -202,7 +183,7 @@ PRESETS = {
     "cifar10": IMAGES, "cifar100": IMAGES, "mnist": IMAGES, "random32": IMAGES,
     "tiny-imagenet": dict(IMAGES, image_size=64),
     "dsprites": dict(SMALL, epochs=12),             # App. I at r = 0.3; README: epochs x 0.3 / r
-    "fashion-mnist": dict(SMALL, image_size=28, epochs=10),       # README: 15 min on 2 cores
+    "fashion-mnist": dict(SMALL, image_size=28, epochs=10),       # README: 11-13 min on 2 cores
 }
 NEURAL = {"synthetic", "chewie1", "chewie2", "mihi1", "mouse", "npz"}
 
@@ -246,13 +227,16 @@ def check_fields(cfg):
     """Every field against what it may be (the `check` of its arg), then what depends on the
     data set and the machine: all before any data is loaded or any file is touched."""
     for f in dataclasses.fields(Config):
-        v, check, flag = getattr(cfg, f.name), f.metadata["check"], "--" + f.name.replace("_", "-")
+        v, check = getattr(cfg, f.name), f.metadata["check"]
         if check is FREE:
             continue
-        ok, allowed = (check[0](v), check[1]) if callable(check[0]) else (v in check, " or ".join(check))
+        try:
+            ok, allowed = (check[0](v), check[1]) if callable(check[0]) else (v in check, " or ".join(check))
+        except (ValueError, TypeError):                            # a string of the wrong format
+            ok, allowed = False, check[1]
         if not ok:
-            raise ConfigError(f"{flag} {v!r}: must be {allowed}" if isinstance(v, str) else
-                              f"{flag} {v}: must be {allowed}")
+            shown = repr(v) if isinstance(v, str) else v
+            raise ConfigError(f"--{f.name.replace('_', '-')} {shown}: must be {allowed}")
     neural = cfg.dataset in NEURAL
     if neural != (cfg.arch == "mlp"):
         raise ConfigError(f"--arch {cfg.arch!r}: {cfg.dataset} takes "
@@ -266,7 +250,7 @@ def check_fields(cfg):
     if cfg.save_mined_views and (neural or cfg.method != "myow"):
         raise ConfigError(f"--save-mined-views draws images mined by MYOW; {cfg.dataset} with --method "
                           f"{cfg.method} has none (use an image data set and --method myow)")
-    out, data_dir = existing_parent(cfg.out or "."), existing_parent(cfg.data_dir)   # what exists
+    out, data_dir = (existing_parent(p) for p in (cfg.out or ".", cfg.data_dir))    # what exists of them
     if cfg.out and not os.path.isdir(out):
         raise ConfigError(f"--out {cfg.out}: {out} is a file, not a folder; give a folder path")
     if cfg.out and not os.access(out, os.W_OK):
@@ -282,8 +266,6 @@ def check_fields(cfg):
 
 
 # ==== Data and augmentations for neural activity (Appendix D.1, J) ================================
-
-
 class NeuralSplit:
     """One split of a recording as tensors on the device, so batches are indexed, not loaded."""
 
@@ -338,9 +320,8 @@ def load_neural(cfg, device):
     # z-scored with the statistics of the samples training sees (never test), as the authors' code;
     # on Mouse-CA1 validation +0.8 F1 over train-only statistics (README)
     rates = rec.rates[seen]
-    std = rates.std(0)
-    keep = std > 0          # neurons silent throughout training carry nothing (data README)
-    mean, std = torch.as_tensor(rates.mean(0)[keep]), torch.as_tensor(std[keep])
+    keep = rates.std(0) > 0     # neurons silent throughout training carry nothing (data README)
+    mean, std = (torch.as_tensor(v[keep]) for v in (rates.mean(0), rates.std(0)))
     splits = [NeuralSplit(rec, i, keep, mean, std, cfg, device) for i in idx]
     pretrain = splits[0]
     if cfg.pretrain_on == "train+val":
@@ -421,27 +402,19 @@ def color_jitter(x, strengths, p, order=None, factors=None):
     draws its own four factors and its own order of the four operations. Brightness, contrast and
     saturation blend the image with black, its mean luminance, its luminance; hue shifts in HSV.
     `order` (n, 4) and `factors` (n, 4) may be given (tests compare with torchvision)."""
-    n, C, dev = len(x), x.shape[1], x.device
+    n, dev = len(x), x.device
     if order is None:
         ranges = [(max(0.0, 1 - v), 1 + v) for v in strengths[:3]] + [(-strengths[3], strengths[3])]
         factors = torch.stack([torch.empty(n, device=dev).uniform_(*r) for r in ranges], 1)  # (n, 4)
         order = torch.rand(n, 4, device=dev).argsort(1)     # (n, 4) operation at each position
-    ops = order.T.reshape(4, n, 1, 1, 1)                                 # (4, n, 1, 1, 1)
-    hue_at = (order == 3).float().argmax(1).view(n, 1, 1, 1)             # hue's position
-
-    def blends(y, positions, before_hue):          # the blends on one side of the hue shift
-        for k in positions:
-            op = ops[k]
-            idle = (op == 3) | ((k < hue_at) != before_hue)              # factor 1: y unchanged
-            f = torch.where(idle, 1.0, factors.gather(1, op.reshape(n, 1)).view(n, 1, 1, 1))
-            lum = gray(y)
-            ref = torch.where(op == 0, 0.0, torch.where(op == 1, lum.mean((1, 2, 3), keepdim=True), lum))
-            y = torch.lerp(ref, y, f).clamp_(0, 1)                       # _blend of torchvision
-        return y
-    # The hue shift, the costly one, once per sample: blends before it, the shift, blends after.
-    y = blends(x, range(3), True)
-    y = shift_hue(y, factors[:, 3:, None]) if C == 3 else y
-    y = blends(y, range(1, 4), False)
+    y = x
+    for k in range(4):                                   # each sample's k-th operation, all at once
+        op = order[:, k].view(n, 1, 1, 1)
+        f = factors.gather(1, order[:, k:k + 1]).view(n, 1, 1, 1)
+        lum = gray(y)
+        ref = torch.where(op == 0, 0.0, torch.where(op == 1, lum.mean((1, 2, 3), keepdim=True), lum))
+        hue = shift_hue(y, f[:, 0]) if y.shape[1] == 3 else y                 # grey images: no hue
+        y = torch.where(op == 3, hue, torch.lerp(ref, y, f).clamp_(0, 1))     # _blend of torchvision
     return torch.where(torch.rand(n, 1, 1, 1, device=dev) < p, y, x)
 
 
@@ -552,8 +525,6 @@ def load_tiny_imagenet(base):
 
 
 # ==== Networks: encoder f, projectors g and h, predictors q and r =================================
-
-
 def mlp(n_in, width, n_out):
     """MLP(in, width, out) of Appendix C: Linear, BatchNorm, ReLU, Linear. A Linear followed by BatchNorm
     needs no bias (BatchNorm subtracts it again); leaving it out saves a copy and a sum per step."""
@@ -649,8 +620,6 @@ def build_networks(cfg, data):
 
 
 # ==== The method: loss, mining, target update, schedules ==========================================
-
-
 def d(p, z):
     """Equation (1): negative cosine similarity, per sample. z comes from the target (no grad)."""
     return -F.cosine_similarity(p.float(), z.float(), dim=-1)
@@ -708,8 +677,6 @@ def lambda_at(step, ramp, weight):
 
 
 # ==== Linear evaluation (Appendix D): all weight decays of the sweep trained at once ==============
-
-
 def angle_error(pred, labels):
     """|angle(pred) - angle of direction l|, wrapped to [0, pi]; pred (..., n, 2) = (cos, sin)."""
     angle = torch.atan2(pred[..., 1], pred[..., 0])
@@ -839,8 +806,6 @@ def save_mined_views(path, f, target_f, data, cfg, n=32):
 
 
 # ==== Distributed training hooks (torchrun) and checkpoints =======================================
-
-
 def setup_distributed(cfg):
     """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is one process."""
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -911,8 +876,6 @@ def load_checkpoint(path, cfg):
 
 
 # ==== Training loop (Algorithm 1) =================================================================
-
-
 def pool_size(cfg):
     """L, the candidates per step: --pool-size fresh ones, or the batch's own views (L = B)."""
     return cfg.pool_size if cfg.pool == "fresh" else cfg.batch_size
@@ -1164,8 +1127,6 @@ def train_supervised(cfg, splits, device):
 
 
 # ==== Entry point =================================================================================
-
-
 def make_logger(cfg):
     path = os.path.join(cfg.out, "log.jsonl") if cfg.out else None
 
