@@ -812,6 +812,10 @@ def setup_distributed(cfg):
     torch.backends.cudnn.benchmark = cuda                # every shape in a run is fixed: autotune once
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))                 # processes on this machine
+    if cuda and here > torch.cuda.device_count():                    # one GPU per process
+        raise ConfigError(f"torchrun started {here} processes on a machine with {torch.cuda.device_count()} "
+                          f"GPU(s); use --nproc_per_node {torch.cuda.device_count()}, or --device cpu")
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
     if cuda:

@@ -390,7 +390,8 @@ def torchrun(n, *args):
     for attempt in range(2):
         p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                             f"--nproc_per_node={n}", *args], capture_output=True, text=True,
-                           timeout=240, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           timeout=240, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                       "CUDA_VISIBLE_DEVICES": ""})   # gloo on CPU
         if p.returncode == 0 or "terminate called without an active exception" not in p.stderr:
             return p
     return p
@@ -406,7 +407,8 @@ def test_two_processes_match_one(tmp_path):
     script.write_text(DDP_SCRIPT.format(here=HERE, out=str(tmp_path)))
     p = torchrun(2, str(script))
     assert p.returncode == 0, p.stderr[:4000]
-    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})          # on CPU, as torchrun's
     assert p.returncode == 0, p.stderr[:4000]
     r0, r1, one = (torch.load(tmp_path / f, weights_only=True) for f in ("w2r0.pt", "w2r1.pt", "w1r0.pt"))
     for k, v in r0["params"].items():
@@ -655,7 +657,7 @@ def test_raw_method_reads_out_the_normalised_inputs(monkeypatch):
     seen = {}
     evaluate = myow.linear_eval
     monkeypatch.setattr(myow, "linear_eval", lambda feats, *a: seen.update(feats=feats) or evaluate(feats, *a))
-    res = myow.run(myow.parse_config(["--method", "raw", "--eval-epochs", "5"]))
+    res = myow.run(myow.parse_config(["--method", "raw", "--eval-epochs", "5", "--device", "cpu"]))
     cfg = myow.parse_config([])
     _, splits, _, _ = myow.load_neural(cfg, torch.device("cpu"))
     for got, split in zip(seen["feats"], splits):
@@ -785,6 +787,17 @@ def test_cuda_runs_autotune_convolutions(monkeypatch):
     assert myow.setup_distributed(myow.parse_config([]))[2].type == "cuda" and torch.backends.cudnn.benchmark
 
 
+def test_torchrun_with_more_processes_than_gpus_is_refused_before_any_work(monkeypatch):
+    """--nproc_per_node 2 on a one-GPU machine: one line naming the fix, not a CUDA traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(myow.dist, "init_process_group", lambda *a, **k: pytest.fail("process group started"))
+    for k, v in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(myow.ConfigError, match="--nproc_per_node 1, or --device cpu"):
+        myow.setup_distributed(myow.parse_config([]))
+
+
 @pytest.mark.parametrize("method", ["myow", "byol"])
 def test_every_online_parameter_gets_a_gradient(method):
     """DistributedDataParallel waits for a gradient of every parameter: a module that a method
@@ -848,7 +861,7 @@ def test_image_embeddings_are_the_test_set_with_its_labels(tmp_path, monkeypatch
     monkeypatch.setattr(myow, "load_images", lambda cfg, device: list(small))
     cfg = myow.parse_config(["--dataset", "dsprites", "--epochs", "1", "--batch-size", "32", "--pool-size", "32",
                              "--eval-epochs", "1", "--eval-milestones", "1", "--out", str(tmp_path),
-                             "--save-embeddings", "--eval-every", "1"])
+                             "--save-embeddings", "--eval-every", "1", "--device", "cpu"])
     res = myow.run(cfg)
     emb = np.loadtxt(tmp_path / "embeddings.tsv", delimiter="\t")
     meta = open(tmp_path / "metadata.tsv").read().splitlines()
