@@ -320,8 +320,9 @@ def load_neural(cfg, device):
     # z-scored with the statistics of the samples training sees (never test), as the authors' code;
     # on Mouse-CA1 validation +0.8 F1 over train-only statistics (README)
     rates = rec.rates[seen]
-    keep = rates.std(0) > 0     # neurons silent throughout training carry nothing (data README)
-    mean, std = (torch.as_tensor(v[keep]) for v in (rates.mean(0), rates.std(0)))
+    std = rates.std(0)
+    keep = std > 0          # neurons silent throughout training carry nothing (data README)
+    mean, std = torch.as_tensor(rates.mean(0)[keep]), torch.as_tensor(std[keep])
     splits = [NeuralSplit(rec, i, keep, mean, std, cfg, device) for i in idx]
     pretrain = splits[0]
     if cfg.pretrain_on == "train+val":
