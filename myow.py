@@ -14,22 +14,33 @@ network's representation space, predicted through a second, cascaded projector/p
     python myow.py --dataset cifar10 --epochs 800 --download    # Table 1, Appendix C, one GPU
     torchrun --nproc_per_node 4 myow.py --dataset cifar10       # several GPUs; B and L are global
 
+With --out DIR a run keeps its config, log, checkpoint, results and encoder.pt; in Python,
+`myow.load_encoder("DIR/encoder.pt")` maps raw firing rates or images to y = f(x).
+
 Expected (2 x86 CPU cores, mean over seeds 0-9, README): Chewie-1 Acc 68.6 (paper 70.5; BYOL
 68.3; a readout of the raw rates 57.1), Mouse-CA1 weighted F1 91.5 (paper 93.7; BYOL 91.2;
 raw rates 90.3); Fashion-MNIST 88.4 % over seeds 0-2 (BYOL 88.4, pixels 84.4; 1 min of training on
 one H100). One H100: the CIFAR-10 preset at 3.95 s an epoch (800 epochs in 53 min); its accuracy is
 not yet measured. The last line on stdout is one JSON object with the metrics (in %) and the seconds spent.
+
+The method comes first, in the order data flows (configuration, augmentations, networks, mining and
+the target update, the training step and loop, linear evaluation); the plumbing that makes it a tool
+(data loading, baselines, checks, checkpoints, the command line) follows one banner below it.
 """
 import argparse
 import copy
 import dataclasses
+import io
 import json
 import math
 import os
+import shlex
+import shutil
 import signal
 import sys
+import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,85 +51,63 @@ import torch.nn.functional as F
 
 import neural_data
 
-
-# ==== Configuration ===============================================================================
+# ==== Configuration: every setting, its paper source, and what it may be (checked in check_fields) ====
 def arg(default, help, check):
-    """A field: its default, its --help, and what a value may be (checked in check_fields)."""
+    """A field: its default, its --help, and what a value may be: a tuple of choices, a rule named in
+    words (RULES, below the banner), or FREE (switches, and paths checked against the machine)."""
     return field(default=default, metadata={"help": help, "check": check})
 
-
-# What a field may be: a tuple of choices, or (test, description); a test that raises refuses the
-# value. FREE: any value (switches, and paths, checked against the machine in check_fields).
 FREE = None
-INT1, INT0 = (lambda v: v >= 1, "an integer >= 1"), (lambda v: v >= 0, "an integer >= 0")
-POS = (lambda v: 0 < v < math.inf, "a finite number > 0")
-NONNEG = (lambda v: 0 <= v < math.inf, "a finite number >= 0")
-PROB = (lambda v: 0 <= v <= 1, "a probability in [0, 1]")
-BELOW1 = (lambda v: 0 <= v < 1, "in [0, 1)")
-AREA = (lambda v: (lambda lo, hi: 0 < lo <= hi <= 1)(*map(float, v.split(":"))),
-        "'lo:hi' with 0 < lo <= hi <= 1")
-JITTER = (lambda v: (lambda *f: len(f) == 4 and all(0 <= x < math.inf for x in f) and f[3] <= 0.5)(
-    *map(float, v.split(","))), "four numbers 'b,c,s,h', each >= 0, hue h <= 0.5")
-MILESTONES = (lambda v: all(int(m) >= 1 for m in v.split(",")) if v else True,
-              "epochs 'm1,m2,...' (integers >= 1), or empty")
-EXPONENTS = (lambda v: (lambda a, b: a <= b)(*map(int, v.split(":"))) if v else True,
-             "'a:b' with integers a <= b, or empty")
-
+INT1, INT0, POS, NONNEG = "an integer >= 1", "an integer >= 0", "a finite number > 0", "a finite number >= 0"
+PROB, BELOW1, AREA = "a probability in [0, 1]", "in [0, 1)", "'lo:hi' with 0 < lo <= hi <= 1"
 
 @dataclass
 class Config:
     dataset: str = arg("synthetic", "neural: synthetic | chewie1 | chewie2 | mihi1 | mouse | npz; images: "
                        "dsprites | cifar10 | cifar100 | mnist | fashion-mnist | tiny-imagenet | random32",
-                       (lambda v: v in PRESETS, "a data set named in --help"))
+                       "a data set named in --help")
     data_dir: str = arg("data", "folder holding the published files (downloaded there if missing)", FREE)
     download: bool = arg(False, "images: let torchvision download the data set into --data-dir", FREE)
     data_file: str = arg("", "with --dataset npz: your recording (see README)", FREE)
-    train_fraction: float = arg(0.3, "dsprites: r, the fraction of the kept images that training sees "
-                                "(App. I: 0.3, 0.15, 0.075)", (lambda v: 0 < v < 1, "in (0, 1)"))
-    method: str = arg("myow", "myow | byol (lambda = 0, no mining) | supervised (the encoder trained on the "
-                      "labels, sec. 3.3) | raw (the readout of the normalised inputs: the floor)",
+    train_fraction: float = arg(0.3, "dsprites: r, the fraction of the kept images training sees (App. I)",
+                                "in (0, 1)")
+    method: str = arg("myow", "myow | byol (lambda = 0, no mining) | supervised (sec. 3.3) | raw (the floor)",
                       ("myow", "byol", "supervised", "raw"))
-    seed: int = arg(0, "seed of initialisation, batches, augmentations and mining",
-                    (lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2^63)"))
-    out: str = arg("", "folder for config.json, log.jsonl, checkpoint.pt, results.json; empty: none", FREE)
+    seed: int = arg(0, "seed of initialisation, batches, augmentations and mining", "an integer in [0, 2^63)")
+    out: str = arg("", "folder for config, log, checkpoint, results and encoder.pt; empty: none", FREE)
     resume: bool = arg(False, "continue the run in --out from its checkpoint", FREE)
     overwrite: bool = arg(False, "replace the run already in --out", FREE)
     ckpt_every: int = arg(100, "write --out/checkpoint.pt every this many epochs, and at the end", INT1)
     # -- optimisation (Appendix D.1 "Training") --
     epochs: int = arg(1000, "training epochs (App. D: 1000)", INT1)
-    batch_size: int = arg(512, "B, anchors per step (App. D: 512)",
-                          (lambda v: v >= 2, "an integer >= 2 (BatchNorm needs two samples)"))
+    batch_size: int = arg(512, "B, anchors per step (App. D: 512)", "an integer >= 2 (BatchNorm needs two samples)")
     optimizer: str = arg("adamw", "adamw (App. D, neural) or sgd (App. C, images)", ("adamw", "sgd"))
     lr: float = arg(0.02, "eta (App. D: AdamW 0.02 monkeys, 0.001 rodents; App. C: SGD 0.03)", POS)
     momentum: float = arg(0.9, "SGD momentum (App. C: 0.9)", BELOW1)
     weight_decay: float = arg(2e-5, "weight decay (App. D: 2e-5; App. C: 5e-4)", NONNEG)
     warmup_epochs: int = arg(100, "linear lr warm-up, then cosine decay to 0 (App. D: 100)", INT0)
-    tau: float = arg(0.98, "tau, EMA momentum at step 0 (App. D: 0.98)", (lambda v: 0 <= v <= 1, "in [0, 1]"))
-    tau_schedule: str = arg("cosine", "cosine: from tau up to 1 at the last step (App. C, D); constant: "
-                            "tau throughout (the authors' neural code; no better, README)",
+    tau: float = arg(0.98, "tau, EMA momentum at step 0 (App. D: 0.98)", "in [0, 1]")
+    tau_schedule: str = arg("cosine", "cosine: tau up to 1 (App. C, D); constant (authors' neural code)",
                             ("cosine", "constant"))
-    pretrain_on: str = arg("train+val", "samples of self-supervised training: train+val (their labels "
-                           "unused; as the authors' code) or train", ("train+val", "train"))
+    pretrain_on: str = arg("train+val", "what self-supervised training sees (labels unused)", ("train+val", "train"))
     # -- mining (section 2.2, Appendix B) --
     pool_size: int = arg(1024, "L with --pool fresh: candidates drawn per step (App. D: 1024)", INT1)
     k: int = arg(5, "k, mined view drawn uniformly from the k nearest candidates (App. D: 5)", INT1)
     mining_weight: float = arg(1.0, "lambda, weight of the mined-view loss (App. D: 1)", NONNEG)
     mining_ramp_epochs: int = arg(10, "lambda ramps linearly from 0 over this many epochs (App. D: 10)", INT0)
-    pool: str = arg("batch", "batch: the candidates are the batch's target views x', L = B (sec. 2.2: 'MYOW "
-                    "can be effectively trained using L = B'); fresh: L candidates from an independent "
-                    "sampler (App. B; images)", ("batch", "fresh"))
-    anchor_view: str = arg("shared", "shared: x doubles as the anchor x_m (T_m = T for neural data, App. "
-                           "D.1); new: a third view x_m = t_m(s) (Alg. 1; images)", ("shared", "new"))
+    pool: str = arg("batch", "batch: L = B, the batch's views x' (sec. 2.2); fresh: L new samples (App. B)",
+                    ("batch", "fresh"))
+    anchor_view: str = arg("shared", "shared: x is the anchor (T_m = T, App. D.1); new: x_m = t_m(s) (Alg. 1)",
+                           ("shared", "new"))
     mine_in: str = arg("target", "candidates' representations from the target or online network (App. F)",
                        ("target", "online"))
-    min_gap_s: float = arg(math.inf, "mine only other trials, or the same trial >= this many s away (App. "
-                           "D.2: 1800 s for sleep; inf: other trials only, App. D.1)",
-                           (lambda v: v >= 0, "seconds >= 0, or inf"))
+    min_gap_s: float = arg(math.inf, "mine other trials, or the same trial >= this many s away (App. B; "
+                           "inf: other trials only; one continuous recording: 1/24 of its length)",
+                           "seconds >= 0, or inf")
     # -- network (Appendix D.1 "Network Architecture", Appendix C "Architecture") --
     arch: str = arg("mlp", "encoder f: mlp (App. D.1), resnet18 / resnet50 (App. C), convnet (small, CPU)",
                     ("mlp", "convnet", "resnet18", "resnet50"))
-    hidden: int = arg(64, "mlp: width of the 4 blocks Linear+BN+ReLU (App. D: 64); convnet: width of its "
-                      "first block (then x2, x4, x8)", INT1)
+    hidden: int = arg(64, "mlp: width of its 4 blocks (App. D: 64); convnet: first block's (then x2, x4, x8)", INT1)
     rep_dim: int = arg(32, "mlp: size of y = f(x) (App. D.1: 32 monkeys; D.2: 64 rodents)", INT1)
     proj_hidden: int = arg(0, "hidden width of g and h, MLP(., 4096, 256) (App. C); 0: none (App. D.1)", INT0)
     proj_dim: int = arg(256, "output size of g and h (App. C: 256)", INT1)
@@ -136,36 +125,34 @@ class Config:
     pepper_p: float = arg(0.5, "probability a sample gets pepper (App. D.1: 0.5)", PROB)
     # -- augmentations for images (Appendix C "Class of transformations"), drawn per sample --
     image_size: int = arg(32, "views are resized (bicubic) to this size (App. C: 32)",
-                          (lambda v: v >= 8, "an integer >= 8 (the small CNN pools three times)"))
+                          "an integer >= 8 (the small CNN pools three times)")
     crop_area: str = arg("0.2:1.0", "T: random resized crop, area range (App. C: 0.2-1.0)", AREA)
     mined_crop_area: str = arg("0.8:1.0", "T_m: crop only, area range (App. C: 0.8-1.0)", AREA)
-    color_jitter: str = arg("0.4,0.4,0.4,0.1", "brightness, contrast, saturation, hue (App. C)", JITTER)
+    color_jitter: str = arg("0.4,0.4,0.4,0.1", "brightness, contrast, saturation, hue (App. C)",
+                            "four numbers 'b,c,s,h', each >= 0, hue h <= 0.5")
     color_p: float = arg(0.8, "probability of color jitter (App. C: 0.8)", PROB)
     gray_p: float = arg(0.1, "probability of grayscale (App. C: 0.1)", PROB)
     flip_p: float = arg(0.5, "probability of a horizontal flip in T (App. C: 0.5; T_m has none)", PROB)
     # -- linear evaluation (Appendix D.1 "Evaluation Procedure", Appendix C "Evaluation Protocol") --
     eval_epochs: int = arg(100, "epochs of the linear readout (App. D: 100; App. C: 200)", INT1)
     eval_lr: float = arg(0.01, "lr of the linear readout (App. D: AdamW 0.01; App. C: SGD 0.4)", POS)
-    eval_milestones: str = arg("", "SGD readout: epochs dividing lr by 10 (App. C: 140,190)", MILESTONES)
+    eval_milestones: str = arg("", "SGD readout: epochs dividing lr by 10 (App. C: 140,190)",
+                               "epochs 'm1,m2,...' (integers >= 1), or empty")
     eval_batch_size: int = arg(512, "batch of the linear readout (not given in the paper)", INT1)
     eval_wd_exponents: str = arg("-10:10", "readout weight decays 2^a..2^b, chosen on validation (App. D); "
-                                 "empty: none (App. C)", EXPONENTS)
+                                 "empty: none (App. C)", "'a:b' with integers a <= b, or empty")
     # -- supervised baseline (sec. 3.3: "weight regularization and dropout"; values not given) --
-    sup_dropout: float = arg(0.5, "dropout after each encoder block of the supervised baseline, which also "
-                             "uses --weight-decay (validation: 0.5 Chewie-1, 0.2 Mouse-CA1)", BELOW1)
+    sup_dropout: float = arg(0.5, "dropout after each encoder block of the supervised baseline (README)", BELOW1)
     # -- run --
     device: str = arg("auto", "auto (cuda if available), cpu or cuda", ("auto", "cpu", "cuda"))
     compile: bool = arg(False, "torch.compile the online and target networks", FREE)
-    precision: str = arg("auto", "bf16 (autocast on CUDA) or fp32; auto: bf16 for image encoders on CUDA, "
-                         "fp32 for the MLP (README)", ("auto", "bf16", "fp32"))
+    precision: str = arg("auto", "auto: bf16 autocast on CUDA for image encoders, fp32 for the MLP (README)",
+                         ("auto", "bf16", "fp32"))
     log_every: int = arg(0, "print progress every this many epochs (0: about 20 lines a run)", INT0)
-    eval_every: int = arg(0, "every this many epochs, log a weighted k-NN classifier's test accuracy (k = "
-                          "200, temperature 0.1) on the training set's representations; 0: off", INT0)
-    save_embeddings: bool = arg(False, "write --out/embeddings.tsv + metadata.tsv (TensorBoard projector; "
-                                "images: the test set)", FREE)
-    save_mined_views: bool = arg(False, "images: write --out/mined_views.png at the end, anchors each next "
-                                 "to its k nearest candidates, mined as in training (Fig. 2)", FREE)
-
+    eval_every: int = arg(0, "log a k-NN monitor's test accuracy every this many epochs; 0: off", INT0)
+    save_embeddings: bool = arg(False, "write --out/embeddings.tsv + metadata.tsv (TensorBoard projector)", FREE)
+    save_mined_views: bool = arg(False, "images: write --out/mined_views.png, anchors and their k nearest (Fig. 2)",
+                                 FREE)
 
 # Per-dataset defaults in one table; a flag given on the command line always wins.
 MONKEY = {}                                     # Appendix D.1 = Config defaults (README "Choices")
@@ -187,115 +174,15 @@ PRESETS = {
 }
 NEURAL = {"synthetic", "chewie1", "chewie2", "mihi1", "mouse", "npz"}
 
-
-class ConfigError(Exception):
-    """A configuration the run cannot honour: the message names the flag and what to do (exit 2)."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):                   # one line and exit status 2, like every refusal
-        raise ConfigError(f"{message} (python myow.py --help lists every flag)")
-
-
-def parse_config(argv=None):
-    """The flags given, over the data set's preset, over the defaults; every field checked."""
-    parser = Parser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(Config):
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", default=None, help=help)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=None,
-                                help=f"{help} [{f.default}, or the dataset's preset]")
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    dataset = given.get("dataset", Config.dataset)
-    if dataset not in PRESETS:
-        raise ConfigError(f"unknown --dataset {dataset!r}; choose one of {', '.join(PRESETS)}")
-    cfg = Config(**{**PRESETS[dataset], **given})
-    check_fields(cfg)
-    return cfg
-
-
-def existing_parent(path):
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path
-
-
-def check_fields(cfg):
-    """Every field against what it may be (the `check` of its arg), then what depends on the
-    data set and the machine: all before any data is loaded or any file is touched."""
-    for f in dataclasses.fields(Config):
-        v, check = getattr(cfg, f.name), f.metadata["check"]
-        if check is FREE:
-            continue
-        try:
-            ok, allowed = (check[0](v), check[1]) if callable(check[0]) else (v in check, " or ".join(check))
-        except (ValueError, TypeError):                            # a string of the wrong format
-            ok, allowed = False, check[1]
-        if not ok:
-            shown = repr(v) if isinstance(v, str) else v
-            raise ConfigError(f"--{f.name.replace('_', '-')} {shown}: must be {allowed}")
-    neural = cfg.dataset in NEURAL
-    if neural != (cfg.arch == "mlp"):
-        raise ConfigError(f"--arch {cfg.arch!r}: {cfg.dataset} takes "
-                          + ("mlp" if neural else "convnet, resnet18 or resnet50"))
-    if not neural and cfg.pretrain_on != "train":
-        raise ConfigError(f"--pretrain-on {cfg.pretrain_on!r}: images have no validation split; use train")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: torch sees no CUDA device here; use --device cpu (or auto)")
-    if (cfg.save_embeddings or cfg.save_mined_views or cfg.resume) and not cfg.out:
-        raise ConfigError("--save-embeddings, --save-mined-views and --resume need --out DIR")
-    if cfg.save_mined_views and (neural or cfg.method != "myow"):
-        raise ConfigError(f"--save-mined-views draws images mined by MYOW; {cfg.dataset} with --method "
-                          f"{cfg.method} has none (use an image data set and --method myow)")
-    out, data_dir = (existing_parent(p) for p in (cfg.out or ".", cfg.data_dir))    # what exists of them
-    if cfg.out and not os.path.isdir(out):
-        raise ConfigError(f"--out {cfg.out}: {out} is a file, not a folder; give a folder path")
-    if cfg.out and not os.access(out, os.W_OK):
-        raise ConfigError(f"--out {cfg.out}: cannot write in {out}; give a writable folder")
-    if not os.path.isdir(data_dir):
-        raise ConfigError(f"--data-dir {cfg.data_dir}: {data_dir} is a file; give the folder that holds "
-                          f"the data (or will, with --download)")
-    if cfg.download and not os.access(data_dir, os.W_OK):
-        raise ConfigError(f"--download: cannot write in {data_dir}; give a writable --data-dir")
-    if cfg.dataset == "npz" and not (cfg.data_file.endswith(".npz") and os.path.isfile(cfg.data_file)):
-        raise ConfigError(f"--data-file {cfg.data_file!r}: --dataset npz needs an existing .npz file "
-                          f"(README: your own recording)")
-
-
-# ==== Data and augmentations for neural activity (Appendix D.1, J) ================================
-class NeuralSplit:
-    """One split of a recording as tensors on the device, so batches are indexed, not loaded."""
-
-    def __init__(self, rec, idx, keep, mean, std, cfg, device):
-        self.x = torch.as_tensor(rec.rates[idx][:, keep], device=device)          # (N, units) Hz
-        self.mean, self.std = mean.to(device), std.to(device)       # (units,) of what training sees
-        self.labels = None if rec.labels is None else torch.as_tensor(rec.labels[idx], device=device)
-        self.task = rec.task
-        lo, hi = neural_data.jitter_bounds(rec.trial[idx], rec.time[idx], cfg.jitter_s)
-        self.axis = torch.as_tensor(neural_data.trial_axis(rec.trial[idx], rec.time[idx], cfg.min_gap_s),
-                                    dtype=torch.float32, device=device)  # (N,) for the mask; float32
-        # decides |a - c| >= gap exactly on the published recordings (checked against the definition)
-        self.jitter_lo = torch.as_tensor(lo, device=device)
-        self.jitter_n = torch.as_tensor(hi - lo + 1, device=device)          # samples in window
-
-    def __len__(self):
-        return len(self.x)
-
-    def inputs(self, idx):                                     # unaugmented, for evaluation
-        return (self.x[idx] - self.mean) / self.std
-
-    def views(self, idx, cfg, t_m=False):                      # T_m = T for neural data (App. D.1)
-        return augment_neural(self, idx, cfg)
-
-    def allowed(self, s, c, cfg):                              # (B, L) mining mask (App. B)
-        return neural_data.mining_mask(self.axis[s], self.axis[c], cfg.min_gap_s)
-
+# ==== Augmentations: t ~ T for neural activity (Appendix D.1, J) and images (Appendix C) ============
+def augment(data, idx, cfg, t_m=False):
+    """One view per index: t ~ T, or t_m ~ T_m with t_m=True (for neural data T_m = T, App. D.1)."""
+    if isinstance(data, neural_data.NeuralSplit):
+        return augment_neural(data, idx, cfg)
+    return augment_images(data, idx, cfg, t_m)
 
 def augment_neural(data, idx, cfg):
-    """One view t(s) per index, every random choice drawn per sample (Appendix D.1, J):
+    """Every random choice drawn per sample (Appendix D.1, J):
     temporal jitter -> randomized dropout -> Gaussian noise -> pepper -> normalization."""
     n, n_units = len(idx), data.x.shape[1]
     dev = data.x.device
@@ -309,56 +196,6 @@ def augment_neural(data, idx, cfg):
     pepper = torch.rand(len(pep), n_units, device=dev).lt_(cfg.pepper_rate)
     x.index_add_(0, pep, pepper, alpha=cfg.pepper_value)
     return x.sub_(data.mean).div_(data.std)
-
-
-def load_neural(cfg, device):
-    """The recording, its [train, val, test] splits, their sample indices, and the split that
-    self-supervised training sees (train, or train + val without labels: --pretrain-on)."""
-    rec = neural_data.validate(neural_data.load_recording(cfg.dataset, cfg.data_dir, cfg.data_file))
-    idx = neural_data.temporal_split(rec.trial)
-    seen = np.concatenate(idx[:2]) if cfg.pretrain_on == "train+val" else idx[0]   # labels unused
-    # z-scored with the statistics of the samples training sees (never test), as the authors' code;
-    # on Mouse-CA1 validation +0.8 F1 over train-only statistics (README)
-    rates = rec.rates[seen]
-    std = rates.std(0)
-    keep = std > 0          # neurons silent throughout training carry nothing (data README)
-    mean, std = torch.as_tensor(rates.mean(0)[keep]), torch.as_tensor(std[keep])
-    splits = [NeuralSplit(rec, i, keep, mean, std, cfg, device) for i in idx]
-    pretrain = splits[0]
-    if cfg.pretrain_on == "train+val":
-        pretrain = NeuralSplit(rec, seen, keep, mean, std, cfg, device)
-    return rec, splits, idx, pretrain
-
-
-# ==== Data and augmentations for images (Appendix C), made on the device in batches ===============
-CIFAR20 = [4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11, 6, 11, 5, 10, 7, 6, 13,
-           15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5, 5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4,
-           17, 4, 2, 0, 17, 4, 18, 17, 10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13,
-           15, 13, 16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13]  # fine -> coarse
-
-
-class ImageSplit:
-    """A split as one uint8 tensor (N, C, H, W) on the device; no DataLoader, no per-image Python."""
-    task = "class"
-
-    def __init__(self, x, labels, mean, std, size, coarse=None):
-        self.x, self.labels, self.mean, self.std, self.size, self.coarse = x, labels, mean, std, size, coarse
-
-    def __len__(self):
-        return len(self.x)
-
-    def inputs(self, idx):                                     # unaugmented, for evaluation
-        x = self.x[idx].float() / 255
-        if x.shape[-1] != self.size:
-            x = F.interpolate(x, size=self.size, mode="bicubic", align_corners=False).clamp(0, 1)
-        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-
-    def views(self, idx, cfg, t_m=False):                      # t ~ T, or t_m ~ T_m
-        return augment_images(self, idx, cfg, t_m)
-
-    def allowed(self, s, c, cfg):                              # images need no mask (App. B), but a
-        return (s[:, None] != c[None, :]).float()              # sample is not its own mined view
-
 
 def crop_flip_params(n, area, flip_p, device):
     """Per-sample random resized crop (torchvision's sampling: area fraction, log-uniform aspect
@@ -376,12 +213,10 @@ def crop_flip_params(n, area, flip_p, device):
     zero = torch.zeros_like(sw)
     return torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, sh, cy], 1)], 1)
 
-
 def gray(x):
     """Luminance (n, 1, H, W) with torchvision's weights; single-channel images are their own.
     Scalar weights, not a weight tensor: a tensor would be copied to the GPU every step."""
     return x if x.shape[1] == 1 else (0.2989 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:])
-
 
 def shift_hue(x, shift):
     """torchvision's adjust_hue for a batch: RGB -> HSV, h + shift (mod 1), HSV -> RGB.
@@ -396,7 +231,6 @@ def shift_hue(x, shift):
     sector = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)   # R, G, B
     k = (6 * hue[:, None] + sector).remainder(6)                          # (n, 3, H, W)
     return v[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
-
 
 def color_jitter(x, strengths, p, order=None, factors=None):
     """torchvision's ColorJitter(b, c, s, h) applied with probability p, batched: every sample
@@ -420,7 +254,6 @@ def color_jitter(x, strengths, p, order=None, factors=None):
         y = torch.where(op == 3, hue, torch.lerp(ref, y, f).clamp_(0, 1))     # _blend of torchvision
     return torch.where(torch.rand(n, 1, 1, 1, device=dev) < p, y, x)
 
-
 def augment_images(data, idx, cfg, t_m):
     """T (App. C): crop (area 0.2-1) + flip as one bicubic affine warp, color jitter, grayscale.
     T_m: the crop alone, area 0.8-1 (App. C, H). Every parameter is drawn per sample."""
@@ -435,105 +268,12 @@ def augment_images(data, idx, cfg, t_m):
         x = torch.where(torch.rand(n, 1, 1, 1, device=x.device) < cfg.gray_p, gray(x).expand_as(x), x)
     return ((x - data.mean) / data.std).contiguous(memory_format=torch.channels_last)
 
-
-DSPRITES = (3, 6, 40, 16, 16)               # shapes, scales, orientations, x and y positions
-
-
-def dsprites(fraction, seed=0, size=32, n_holes=10000):
-    """dSprites (App. I) drawn procedurally, white on black; the label is the shape. 3 shapes
-    (square, ellipse, heart) x 6 scales x 40 orientations x 16 x 16 positions (dSprites: 32 x 32
-    positions at 64 px; halved to fit a CPU). App. I's holes: a random half of the scale values and
-    of the orientation values is kept, and training sees a fraction r of the kept images.
-    Returns [train, test, holes] as (uint8 images (n, 1, size, size), indices into the grid of
-    latents DSPRITES): test = the other kept images, holes = n_holes images of the removed scales
-    or orientations. Which values are kept and which images train depend on seed."""
-    gen = torch.Generator().manual_seed(seed)
-    shape, scale, angle, px, py = (v.flatten() for v in torch.meshgrid(
-        *(torch.arange(n) for n in DSPRITES), indexing="ij"))                   # latents of each image
-    kept = (torch.isin(scale, torch.randperm(6, generator=gen)[:3])
-            & torch.isin(angle, torch.randperm(40, generator=gen)[:20]))
-    ours, holes = (torch.nonzero(m)[:, 0] for m in (kept, ~kept))
-    ours = ours[torch.randperm(len(ours), generator=gen)]
-    holes = holes[torch.randperm(len(holes), generator=gen)[:n_holes]]
-    n_train = round(fraction * len(ours))
-    grid = torch.linspace(-1, 1, size)
-
-    def draw(i):                                            # (n,) indices -> (n, 1, size, size)
-        radius = (0.2 + 0.05 * scale[i]).view(-1, 1, 1)       # dSprites' scales 0.5..1 x 0.45
-        a = (angle[i] * (2 * math.pi / 40)).view(-1, 1, 1)
-        X = grid.view(1, 1, -1) - (px[i] * 0.07 - 0.525).view(-1, 1, 1)     # centres in [-0.525, 0.525]
-        Y = grid.view(1, -1, 1) - (py[i] * 0.07 - 0.525).view(-1, 1, 1)
-        u, v = (a.cos() * X + a.sin() * Y) / radius, (a.cos() * Y - a.sin() * X) / radius
-        w = 1.1 * v + 0.15                                                  # the heart, centred
-        inside = torch.stack([torch.maximum(u.abs(), v.abs()) <= 0.8, u ** 2 + (v / 0.5) ** 2 <= 1,
-                              ((1.1 * u) ** 2 + w ** 2 - 1) ** 3 <= (1.1 * u) ** 2 * w ** 3])
-        return (inside[shape[i], torch.arange(len(i))] * 255).to(torch.uint8)[:, None]
-    return [(torch.cat([draw(j) for j in i.split(4096)]), i)                 # 4,096 images at a time
-            for i in (ours[:n_train], ours[n_train:], holes)]
-
-
-def load_images(cfg, device):
-    """[train, test] ImageSplits, the public split (App. C; dsprites: [train, test, holes]), uint8
-    on the device."""
-    import torchvision
-    name, root = cfg.dataset, cfg.data_dir
-    if name == "dsprites":
-        parts = [(x, i // math.prod(DSPRITES[1:]))                             # label: the shape
-                 for x, i in dsprites(cfg.train_fraction, cfg.seed, cfg.image_size)]
-    elif name == "random32":                                  # CIFAR-shaped noise: speed only
-        gen = torch.Generator().manual_seed(0)
-        parts = [(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen),
-                  torch.randint(0, 10, (n,), generator=gen)) for n in (50000, 10000)]
-    elif name == "tiny-imagenet":
-        parts = load_tiny_imagenet(os.path.join(root, "tiny-imagenet-200"))
-    else:
-        cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
-               "mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
-        first = not dist.is_initialized() or dist.get_rank() == 0
-        if not first:
-            dist.barrier()              # under torchrun rank 0 downloads and extracts alone, then all read
-        try:
-            sets = [cls(root, train=part, download=cfg.download and first) for part in (True, False)]
-        except RuntimeError as e:
-            raise neural_data.DataError(f"{name} is not in {root} ({e}); add --download (needs internet) "
-                                        f"or place torchvision's standard layout there") from None
-        finally:
-            if first and dist.is_initialized():
-                dist.barrier()
-        parts = []
-        for ds in sets:
-            x = torch.as_tensor(np.asarray(ds.data))
-            parts.append((x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2), torch.as_tensor(ds.targets)))
-    train = parts[0][0].float() / 255
-    mean, std = train.mean((0, 2, 3)), train.std((0, 2, 3))     # per channel, training images
-    coarse = torch.tensor(CIFAR20, device=device) if name == "cifar100" else None
-    return [ImageSplit(x.contiguous().to(device), y.long().to(device), mean.to(device)[:, None, None],
-                       std.to(device)[:, None, None], cfg.image_size, coarse) for x, y in parts]
-
-
-def load_tiny_imagenet(base):
-    """The standard tiny-imagenet-200 layout: train/<wnid>/images/*.JPEG, val/images + val_annotations.txt."""
-    import torchvision
-    if not os.path.isdir(os.path.join(base, "train")):
-        raise neural_data.DataError(f"{base}/train not found; unpack tiny-imagenet-200.zip into --data-dir")
-    wnids = sorted(os.listdir(os.path.join(base, "train")))
-    read = lambda p: torchvision.io.decode_image(p, mode=torchvision.io.ImageReadMode.RGB)
-    train = [(os.path.join(base, "train", w, "images", f), i) for i, w in enumerate(wnids)
-             for f in sorted(os.listdir(os.path.join(base, "train", w, "images")))]
-    with open(os.path.join(base, "val", "val_annotations.txt")) as fh:
-        val = [(os.path.join(base, "val", "images", name), wnids.index(wnid))
-               for name, wnid, *_ in (line.split("\t") for line in fh)]
-    return [(torch.stack([read(p) for p, _ in files]), torch.tensor([c for _, c in files]))
-            for files in (train, val)]
-
-
-# ==== Networks: encoder f, projectors g and h, predictors q and r =================================
+# ==== Networks: encoder f, projectors g and h, predictors q and r ===================================
 def mlp(n_in, width, n_out):
     """MLP(in, width, out) of Appendix C: Linear, BatchNorm, ReLU, Linear. A Linear followed by BatchNorm
     needs no bias (BatchNorm subtracts it again); leaving it out saves a copy and a sum per step."""
     return nn.Sequential(nn.Linear(n_in, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
                          nn.Linear(width, n_out))
-
 
 def neural_encoder(n_in, hidden, rep_dim, blocks=4, dropout=0.0):
     """Appendix D.1: 4 blocks of Linear(hidden)+BN+ReLU, then a linear layer to the representation.
@@ -544,7 +284,6 @@ def neural_encoder(n_in, hidden, rep_dim, blocks=4, dropout=0.0):
         layers += [nn.Dropout(dropout)] if dropout else []
         width = hidden
     return nn.Sequential(*layers, nn.Linear(width, rep_dim))
-
 
 def convnet(c_in, width=16):
     """A small CNN for CPU runs: 4 blocks of 3x3 conv + BN + ReLU with 2x2 max-pools; y is the
@@ -557,7 +296,6 @@ def convnet(c_in, width=16):
         w = o
     return nn.Sequential(*layers), 9 * w                                    # D = 9 * 8 * width
 
-
 def cifar_resnet(name, c_in):
     """torchvision's ResNet-18/50, CIFAR variant (App. C): 3x3 stride-1 first convolution and no
     max-pool; y is the average-pool output (512-d ResNet-18, 2048-d ResNet-50)."""
@@ -567,6 +305,11 @@ def cifar_resnet(name, c_in):
     net.maxpool, dim, net.fc = nn.Identity(), net.fc.in_features, nn.Identity()
     return net, dim
 
+def encoder(cfg, c_in, dropout=0.0):
+    """The encoder f of --arch for c_in neurons or image channels, and the size D of y = f(x)."""
+    if cfg.arch == "mlp":
+        return neural_encoder(c_in, cfg.hidden, cfg.rep_dim, dropout=dropout), cfg.rep_dim
+    return convnet(c_in, cfg.hidden) if cfg.arch == "convnet" else cifar_resnet(cfg.arch, c_in)
 
 class Network(nn.Module):
     """The part with a target copy: encoder f, projector g, second projector h. For neural data
@@ -579,7 +322,6 @@ class Network(nn.Module):
     def mined_space(self, y, z):
         """v = h(g(y)) cascaded (sec. 2.1), h(y) parallel, g(y) single (h = identity) (App. G)."""
         return self.h(y if self.layout == "parallel" else z)
-
 
 class MYOW(nn.Module):
     """Online network theta = (f, g, h) and the dual predictors q (augmented) and r (mined).
@@ -600,18 +342,9 @@ class MYOW(nn.Module):
         v = self.net.mined_space(y[anchors], z[anchors])      # (B, Dv) v = h(g(y_m))
         return y, p, self.r(v)                                # r(v)
 
-
-def encoder(cfg, data, dropout=0.0):
-    """The encoder f of --arch and the size D of y = f(x)."""
-    c_in = data.x.shape[1]                                       # neurons, or image channels
-    if cfg.arch == "mlp":
-        return neural_encoder(c_in, cfg.hidden, cfg.rep_dim, dropout=dropout), cfg.rep_dim
-    return convnet(c_in, cfg.hidden) if cfg.arch == "convnet" else cifar_resnet(cfg.arch, c_in)
-
-
 def build_networks(cfg, data):
     """Online model (theta plus predictors) and the target network xi, an exact copy at start."""
-    f, D = encoder(cfg, data)
+    f, D = encoder(cfg, data.x.shape[1])
     P = cfg.proj_dim if cfg.proj_hidden else D                              # size of z and v
     g = mlp(D, cfg.proj_hidden, P) if cfg.proj_hidden else nn.Identity()
     h = (mlp(D if cfg.layout == "parallel" else P, cfg.proj_hidden, P)
@@ -621,12 +354,10 @@ def build_networks(cfg, data):
     r = mlp(P, cfg.pred_hidden, P) if cfg.method == "myow" else None         # BYOL has no r
     return MYOW(net, q, r), copy.deepcopy(net).requires_grad_(False)        # init xi <- theta
 
-
-# ==== The method: loss, mining, target update, schedules ==========================================
+# ==== The method: loss, mining, target update, schedules ============================================
 def d(p, z):
     """Equation (1): negative cosine similarity, per sample. z comes from the target (no grad)."""
     return -F.cosine_similarity(p.float(), z.float(), dim=-1)
-
 
 def nearest(y_anchor, y_pool, allowed, k):
     """N_k(y_m): for each anchor the k candidates of highest cosine similarity, those `allowed`
@@ -639,7 +370,6 @@ def nearest(y_anchor, y_pool, allowed, k):
                                      F.normalize(y_pool.float(), dim=1).T, beta=3)     # (B, L)
     return sim.topk(k, dim=1)                                                       # (B, k)
 
-
 def mine(y_anchor, y_pool, allowed, k):
     """Section 2.2 / Algorithm 1 'Find N_k(y_m) in S, randomly select y'_m': one of the k nearest
     allowed candidates, uniformly. Returns the chosen pool index (B,) and 1.0 where the anchor had
@@ -650,17 +380,22 @@ def mine(y_anchor, y_pool, allowed, k):
     pick = (torch.rand(len(top_sim), device=top_sim.device) * eligible.sum(1)).long()   # uniform rank
     return top_idx.gather(1, pick[:, None])[:, 0], eligible[:, 0]
 
+def all_gather(x):
+    """Concatenate a tensor from all ranks, in rank order (the global mining pool, sec. 2.3)."""
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 def ema_tensors(net):
     """The tensors eq. (2) averages: parameters and BatchNorm statistics."""
     return [p for p in list(net.parameters()) + list(net.buffers()) if p.is_floating_point()]
 
-
 @torch.no_grad()
 def update_target(xi, theta, tau):
     """Equation (2): xi <- tau * xi + (1 - tau) * theta, one foreach lerp over all tensors."""
     torch._foreach_lerp_(xi, theta, 1.0 - tau)
-
 
 def lr_at(step, total, warmup, base):
     """Linear warm-up to `base`, then cosine decay to 0 (App. C, D)."""
@@ -668,24 +403,150 @@ def lr_at(step, total, warmup, base):
         return base * (step + 1) / warmup
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
-
 def tau_at(step, total, tau_base, tau_final=1.0):
     """tau from tau_base (step 0) to tau_final (last step) along a cosine (BYOL, App. C, D)."""
     return tau_final - (tau_final - tau_base) * (math.cos(math.pi * step / total) + 1) / 2
-
 
 def lambda_at(step, ramp, weight):
     """lambda ramped linearly from 0 to `weight` over `ramp` steps (section 2.1)."""
     return weight * min(1.0, step / ramp) if ramp > 0 else weight
 
+def pool_size(cfg):
+    """L, the candidates per step: --pool-size fresh ones, or the batch's own views (L = B)."""
+    return cfg.pool_size if cfg.pool == "fresh" else cfg.batch_size
 
-# ==== Linear evaluation (Appendix D): all weight decays of the sweep trained at once ==============
+# ==== Training: the optimiser, one step and the loop of Algorithm 1 =================================
+def optimizer(cfg, model):
+    """App. C: SGD with momentum for images, weight decay on weight matrices and kernels only
+    (BatchNorm scales and shifts and biases, the 1-d tensors, undecayed as in BYOL and the
+    authors' image code). App. D: AdamW for neural data, decay on every parameter."""
+    if cfg.optimizer == "adamw":
+        # foreach: a few operations over all tensors a step (on CPU torch loops over them by default)
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    params = list(model.parameters())
+    return torch.optim.SGD([{"params": [p for p in params if p.ndim > 1]},
+                            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+                           lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+def autocast_for(cfg, device):
+    """bfloat16 autocast on CUDA for image encoders. The MLP of neural data stays in float32 there:
+    on an H100, bf16 cost Chewie-1 4.1 Acc (3 paired seeds) and saved no time (README)."""
+    bf16 = cfg.precision == "bf16" or cfg.precision == "auto" and cfg.arch != "mlp"
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and bf16 else nullcontext()
+
+def setup_training(cfg, data, device):
+    """The online model (theta and the predictors), the target network xi and the optimiser on the
+    device, and what a step calls: the online model (under DDP with torchrun), the target encoder
+    and the views (all compiled with --compile: the views' elementwise chains fuse), and the
+    autocast context, decided once."""
+    torch.manual_seed(cfg.seed)                                   # same initial theta everywhere
+    model, target = build_networks(cfg, data)
+    fmt = torch.channels_last if cfg.arch != "mlp" else torch.contiguous_format
+    model, target = model.to(device, memory_format=fmt), target.to(device, memory_format=fmt)
+    if dist.is_initialized() and device.type == "cuda":   # BatchNorm over the global batch (GPU only)
+        model, target = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (model, target))
+    opt = optimizer(cfg, model)
+    online = model
+    if dist.is_initialized():
+        ids = [device] if device.type == "cuda" else None
+        online = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    target_f = target.f
+
+    def views(idx, cfg, t_m=False):
+        return augment(data, idx, cfg, t_m)
+    if cfg.compile:
+        online, target_f, views = torch.compile(online), torch.compile(target.f), torch.compile(views)
+    return model, target, opt, (model, online, target, target_f, views, autocast_for(cfg, device))
+
+def myow_step(cfg, data, nets, s_all, c_all, lam, rank, world):
+    """The loss of Algorithm 1 for one batch: s_all (B,) anchors and c_all (L,) candidates, the
+    same on every rank; this rank makes the views of its share (b anchors, l candidates). Returns
+    (loss, augmented-view loss, mined-view loss, mined views of the anchor's label, mined views)."""
+    model, online, target, target_f, views, autocast = nets
+    b, l = len(s_all) // world, len(c_all) // world
+    s, c = s_all[rank * b:(rank + 1) * b], c_all[rank * l:(rank + 1) * l]
+    mining = cfg.method == "myow"
+    fresh = mining and cfg.pool == "fresh"          # else the candidates are the batch's views x'
+    new_anchor = mining and cfg.anchor_view == "new"   # else x is the anchor x_m (T_m = T)
+    x, x2 = views(torch.cat([s, s]), cfg).split(b)                 # x = t(s), x' = t'(s); t, t' ~ T
+    # T_m views in one call: x_m = t_m(s) (Alg. 1) and x_c = t_m(c) (fresh candidates, App. B)
+    wanted = [s] * new_anchor + [c] * fresh
+    x_m, x_c = (views(torch.cat(wanted), cfg, t_m=True).split([b * new_anchor, l * fresh]) if wanted
+                else (x[:0], x[:0]))
+    with autocast:
+        with torch.no_grad():                                      # target network xi
+            y_t = target_f(torch.cat([x, x2, x_c]))                # (2b [+ l], D)
+            z_t = target.g(y_t)
+            u, z2 = z_t[:b], z_t[b:2 * b]                          # u = g(f(x)), z' = g(f(x'))
+        anchors = slice(2 * b, 3 * b) if new_anchor else slice(0, b)   # online rows of y_m
+        y, p, r_v = online(torch.cat([x, x2, x_m]), 2 * b, anchors if mining else None)
+        loss_aug = 2 * d(p, torch.cat([z2, u])).mean()             # d(q(z), z') + d(q(u'), u)
+        zero = torch.zeros((), device=x.device)
+        if not mining:
+            return torch.stack([loss_aug, loss_aug, zero, zero, zero])
+        with torch.no_grad():
+            cand = slice(2 * b, None) if fresh else slice(b, 2 * b)    # target rows of the candidates
+            if cfg.mine_in == "target":
+                y_pool = y_t[cand]                                 # (l, D) f_xi(x_c)
+            else:                                                  # App. F: online space
+                y_pool = model.net.f(x_c) if fresh else y[cand]
+            y_pool = all_gather(y_pool)                            # (L, D)
+            v_pool = all_gather(target.mined_space(y_t[cand], z_t[cand]))  # (L, Dv) v' of the candidates
+            allowed = data.allowed(s, c_all)                       # (b, L) mask (App. B)
+            j, has = mine(y[anchors], y_pool, allowed, cfg.k)
+        n_mined = has.sum()                                        # anchors with a mined view
+        loss_mine = (d(r_v, v_pool[j]) * has).sum() / n_mined.clamp(min=1)
+        same = ((data.labels[s] == data.labels[c_all[j]]) * has).sum() if data.labels is not None else zero
+        return torch.stack([loss_aug + lam * loss_mine, loss_aug, loss_mine, same, n_mined])
+
+def train(cfg, data, device, log, rank=0, world=1, state=None, monitor=None):
+    """Algorithm 1 on the split `data`. Returns the online model and the last epoch's log record.
+    Between epochs, `end_of_epoch` (below the banner) logs, checkpoints and stops on a signal."""
+    model, target, opt, nets = setup_training(cfg, data, device)
+    xi, theta = ema_tensors(target), ema_tensors(model.net)
+    N, B, L = len(data), cfg.batch_size, pool_size(cfg)
+    steps_per_epoch = N // B                                               # full batches only
+    total = cfg.epochs * steps_per_epoch
+    index_gen = torch.Generator(device).manual_seed(cfg.seed)  # batches and pools: same on all ranks
+    torch.manual_seed(cfg.seed + rank)                          # augmentations: one stream per rank
+    start, last = restore(state, model, target, opt, index_gen, rank, device) if state else (0, None)
+    step = start * steps_per_epoch
+    book = dict(log=log, monitor=monitor, rank=rank, world=world, steps=steps_per_epoch, start=start,
+                t0=time.time(), labelled=data.labels is not None)          # what end_of_epoch needs
+    with stop_on_signals() as signalled:            # SIGINT, SIGTERM: stop after this epoch
+        for epoch in range(start, cfg.epochs):
+            stats = torch.zeros(5, device=device)     # loss, aug loss, mined loss, same-label, mined
+            perm = torch.randperm(N, generator=index_gen, device=device)
+            for it in range(steps_per_epoch):
+                lr = lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
+                tau = tau_at(step, total, cfg.tau, 1.0 if cfg.tau_schedule == "cosine" else cfg.tau)
+                lam = lambda_at(step, cfg.mining_ramp_epochs * steps_per_epoch, cfg.mining_weight)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                s = perm[it * B:(it + 1) * B]                      # (B,) the global batch's anchors
+                c = s                                              # (L,) candidates: the batch's x'
+                if cfg.method == "myow" and cfg.pool == "fresh":   # or an independent stream (App. B)
+                    c = torch.cat([torch.randperm(N, generator=index_gen, device=device)
+                                   for _ in range(-(-L // N))])[:L]                     # L may exceed N
+                out = myow_step(cfg, data, nets, s, c, lam, rank, world)
+                opt.zero_grad(set_to_none=True)
+                out[0].backward()
+                opt.step()
+                update_target(xi, theta, tau)                                  # eq. (2)
+                stats += out.detach()
+                step += 1
+            last = end_of_epoch(cfg, epoch, stats, dict(lr=lr, tau=tau, lam=lam), (model, target, opt, index_gen),
+                                signalled, book)
+    if cfg.save_mined_views and rank == 0:
+        save_mined_views(os.path.join(cfg.out, "mined_views.png"), model.net.f, target.f, data, cfg)
+    return model, last
+
+# ==== Linear evaluation (Appendix D): all weight decays of the sweep trained at once ================
 def angle_error(pred, labels):
     """|angle(pred) - angle of direction l|, wrapped to [0, pi]; pred (..., n, 2) = (cos, sin)."""
     angle = torch.atan2(pred[..., 1], pred[..., 0])
     diff = torch.remainder(angle - labels * (2 * math.pi / 8) + math.pi, 2 * math.pi) - math.pi
     return diff.abs()
-
 
 def weighted_f1(pred, labels, n_classes):
     """Per-class F1 weighted by class support (sklearn's 'weighted'); pred (S, n) -> (S,)."""
@@ -697,7 +558,6 @@ def weighted_f1(pred, labels, n_classes):
         f1 = f1 + (labels == c).float().mean() * 2 * tp / (2 * tp + fp + fn).clamp(min=1)
     return f1
 
-
 def decoding_loss(out, labels, task):
     """Reach: MSE to (cos, sin) of the direction (App. D.1); classes: cross-entropy, not
     class-balanced (App. D.2 does not balance). out (..., n, O) -> one loss per readout (...)."""
@@ -707,7 +567,6 @@ def decoding_loss(out, labels, task):
     ce = F.cross_entropy(out.flatten(0, -2), labels.expand(out.shape[:-1]).flatten(), reduction="none")
     return ce.view(out.shape[:-1]).mean(-1)
 
-
 def scores(out, labels, task, n_classes):
     """Metrics in % for each of the S readouts: out (S, n, O)."""
     if task == "reach":
@@ -716,7 +575,6 @@ def scores(out, labels, task, n_classes):
                 "delta_acc": 100 * (err < 3 * math.pi / 16).float().mean(-1)}  # App. D, Fig. S2
     pred = out.argmax(-1)
     return {"f1": 100 * weighted_f1(pred, labels, n_classes), "acc": 100 * (pred == labels).float().mean(-1)}
-
 
 def linear_eval(feats, labels, task, cfg):
     """Train one linear readout per weight decay 2^a (a in the sweep) on frozen train features,
@@ -762,7 +620,6 @@ def linear_eval(feats, labels, task, cfg):
     res["eval_weight_decay"] = float(wd[best])
     return res
 
-
 @torch.no_grad()
 def representations(f, splits, chunk=1024):
     """y = f(x) of every unaugmented sample of each split (None stays None), BatchNorm in eval mode."""
@@ -773,11 +630,202 @@ def representations(f, splits, chunk=1024):
     f.train()
     return feats
 
+# ==== PLUMBING BELOW: the method ends here; a reader of the method may stop. =========================
+# What follows makes it a tool: data loading, baselines, monitor, checks, DDP, checkpoints, the CLI.
 
+# ==== Data: images as one uint8 tensor on the device (neural recordings: neural_data.py) ===========
+def image_inputs(x, mean, std, size):
+    """Unaugmented uint8 images (n, C, H, W) as the encoder sees them: resized and normalised."""
+    x = x.float() / 255
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+class ImageSplit:
+    """A split as one uint8 tensor (N, C, H, W) on the device; no DataLoader, no per-image Python."""
+    task = "class"
+
+    def __init__(self, x, labels, mean, std, size, coarse=None):
+        self.x, self.labels, self.mean, self.std, self.size, self.coarse = x, labels, mean, std, size, coarse
+
+    def __len__(self):
+        return len(self.x)
+
+    def inputs(self, idx):                                     # unaugmented, for evaluation
+        return image_inputs(self.x[idx], self.mean, self.std, self.size)
+
+    def allowed(self, s, c):                                   # images need no mask (App. B), but a
+        return (s[:, None] != c[None, :]).float()              # sample is not its own mined view
+
+CIFAR20 = [4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11, 6, 11, 5, 10, 7, 6, 13,
+           15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5, 5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4,
+           17, 4, 2, 0, 17, 4, 18, 17, 10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13,
+           15, 13, 16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13]  # fine -> coarse
+DSPRITES = (3, 6, 40, 16, 16)               # shapes, scales, orientations, x and y positions
+
+def dsprites(fraction, seed=0, size=32, n_holes=10000):
+    """dSprites (App. I) drawn procedurally, white on black; the label is the shape. 3 shapes
+    (square, ellipse, heart) x 6 scales x 40 orientations x 16 x 16 positions (dSprites: 32 x 32
+    positions at 64 px; halved to fit a CPU). App. I's holes: a random half of the scale values and
+    of the orientation values is kept, and training sees a fraction r of the kept images.
+    Returns [train, test, holes] as (uint8 images (n, 1, size, size), indices into the grid of
+    latents DSPRITES): test = the other kept images, holes = n_holes images of the removed scales
+    or orientations. Which values are kept and which images train depend on seed."""
+    gen = torch.Generator().manual_seed(seed)
+    shape, scale, angle, px, py = (v.flatten() for v in torch.meshgrid(
+        *(torch.arange(n) for n in DSPRITES), indexing="ij"))                   # latents of each image
+    kept = (torch.isin(scale, torch.randperm(6, generator=gen)[:3])
+            & torch.isin(angle, torch.randperm(40, generator=gen)[:20]))
+    ours, holes = (torch.nonzero(m)[:, 0] for m in (kept, ~kept))
+    ours = ours[torch.randperm(len(ours), generator=gen)]
+    holes = holes[torch.randperm(len(holes), generator=gen)[:n_holes]]
+    n_train = round(fraction * len(ours))
+    grid = torch.linspace(-1, 1, size)
+
+    def draw(i):                                            # (n,) indices -> (n, 1, size, size)
+        radius = (0.2 + 0.05 * scale[i]).view(-1, 1, 1)       # dSprites' scales 0.5..1 x 0.45
+        a = (angle[i] * (2 * math.pi / 40)).view(-1, 1, 1)
+        X = grid.view(1, 1, -1) - (px[i] * 0.07 - 0.525).view(-1, 1, 1)     # centres in [-0.525, 0.525]
+        Y = grid.view(1, -1, 1) - (py[i] * 0.07 - 0.525).view(-1, 1, 1)
+        u, v = (a.cos() * X + a.sin() * Y) / radius, (a.cos() * Y - a.sin() * X) / radius
+        w = 1.1 * v + 0.15                                                  # the heart, centred
+        inside = torch.stack([torch.maximum(u.abs(), v.abs()) <= 0.8, u ** 2 + (v / 0.5) ** 2 <= 1,
+                              ((1.1 * u) ** 2 + w ** 2 - 1) ** 3 <= (1.1 * u) ** 2 * w ** 3])
+        return (inside[shape[i], torch.arange(len(i))] * 255).to(torch.uint8)[:, None]
+    return [(torch.cat([draw(j) for j in i.split(4096)]), i)                 # 4,096 images at a time
+            for i in (ours[:n_train], ours[n_train:], holes)]
+
+def load_images(cfg, device):
+    """[train, test] ImageSplits, the public split (App. C; dsprites: [train, test, holes]), uint8
+    on the device."""
+    import torchvision
+    name, root = cfg.dataset, cfg.data_dir
+    if name == "dsprites":
+        parts = [(x, i // math.prod(DSPRITES[1:]))                             # label: the shape
+                 for x, i in dsprites(cfg.train_fraction, cfg.seed, cfg.image_size)]
+    elif name == "random32":                                  # CIFAR-shaped noise: speed only
+        gen = torch.Generator().manual_seed(0)
+        parts = [(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen),
+                  torch.randint(0, 10, (n,), generator=gen)) for n in (50000, 10000)]
+    elif name == "tiny-imagenet":
+        parts = load_tiny_imagenet(os.path.join(root, "tiny-imagenet-200"))
+    else:
+        cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
+               "mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
+        first = not dist.is_initialized() or dist.get_rank() == 0
+        if not first:
+            dist.barrier()              # under torchrun rank 0 downloads and extracts alone, then all read
+        try:
+            if cfg.download and first:
+                download(cls, root)
+            sets = [cls(root, train=part) for part in (True, False)]
+        except RuntimeError as e:
+            raise neural_data.DataError(f"{name} is not in {root} ({e}); add --download (needs internet) "
+                                        f"or place torchvision's standard layout there") from None
+        finally:
+            if first and dist.is_initialized():
+                dist.barrier()
+        parts = []
+        for ds in sets:
+            x = torch.as_tensor(np.asarray(ds.data))
+            parts.append((x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2), torch.as_tensor(ds.targets)))
+    train = parts[0][0].float() / 255
+    mean, std = train.mean((0, 2, 3)), train.std((0, 2, 3))     # per channel, training images
+    coarse = torch.tensor(CIFAR20, device=device) if name == "cifar100" else None
+    return [ImageSplit(x.contiguous().to(device), y.long().to(device), mean.to(device)[:, None, None],
+                       std.to(device)[:, None, None], cfg.image_size, coarse) for x, y in parts]
+
+def download(cls, root):
+    """torchvision's download into a temporary folder in `root`, moved into place only when both
+    parts are complete: a failed download (no network, a truncated archive, a full disk) leaves
+    nothing behind that a later run would take for the data set."""
+    try:
+        return [cls(root, train=part) for part in (True, False)]               # already there
+    except RuntimeError:
+        pass
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".download-", dir=root)
+    try:
+        for part in (True, False):
+            cls(tmp, train=part, download=True)
+        for folder, _, files in os.walk(tmp):
+            os.makedirs(os.path.join(root, os.path.relpath(folder, tmp)), exist_ok=True)
+            for f in files:
+                os.replace(os.path.join(folder, f), os.path.join(root, os.path.relpath(folder, tmp), f))
+    except Exception as e:              # URLError, HTTPError, a bad archive, a full disk: all end here
+        reason = " ".join(str(e).split())[:160]                      # one line
+        raise neural_data.DataError(
+            f"could not download {cls.__name__} ({type(e).__name__}: {reason}); where there is internet, run "
+            f"torchvision.datasets.{cls.__name__}(DIR, download=True) and copy DIR's contents to {root}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+def load_tiny_imagenet(base):
+    """The standard tiny-imagenet-200 layout: train/<wnid>/images/*.JPEG, val/images + val_annotations.txt."""
+    import torchvision
+    if not os.path.isdir(os.path.join(base, "train")):
+        raise neural_data.DataError(f"{base}/train not found; unpack tiny-imagenet-200.zip into --data-dir")
+    wnids = sorted(os.listdir(os.path.join(base, "train")))
+    read = lambda p: torchvision.io.decode_image(p, mode=torchvision.io.ImageReadMode.RGB)
+    train = [(os.path.join(base, "train", w, "images", f), i) for i, w in enumerate(wnids)
+             for f in sorted(os.listdir(os.path.join(base, "train", w, "images")))]
+    with open(os.path.join(base, "val", "val_annotations.txt")) as fh:
+        val = [(os.path.join(base, "val", "images", name), wnids.index(wnid))
+               for name, wnid, *_ in (line.split("\t") for line in fh)]
+    return [(torch.stack([read(p) for p, _ in files]), torch.tensor([c for _, c in files]))
+            for files in (train, val)]
+
+# ==== Baselines: the supervised encoder (sec. 3.3); the raw inputs are read out in run ==============
+def train_supervised(cfg, splits, device):
+    """The supervised baseline of Table 3: the same encoder trained end to end on the labels
+    through a linear head, with the same optimiser and schedule, on views of T_m (neural data: T,
+    which is T_m there; images: crops of area 0.8-1), with dropout after every block and weight
+    decay (sec. 3.3). Where there is a validation split, the encoder of the epoch whose head scores
+    best there is kept: the number of epochs is chosen on validation. Returns the encoder f."""
+    data, val, task = splits[0], splits[1], splits[0].task
+    torch.manual_seed(cfg.seed)
+    n_out = 2 if task == "reach" else int(data.labels.max()) + 1
+    f, D = encoder(cfg, data.x.shape[1], dropout=cfg.sup_dropout)
+    model = nn.Sequential(f, nn.Linear(D, n_out)).to(device)
+    opt = optimizer(cfg, model)
+    N, B = len(data), cfg.batch_size
+    steps_per_epoch, t0 = N // B, time.time()
+    total = cfg.epochs * steps_per_epoch
+    best, best_f = -math.inf, None
+    if val is not None:                                       # early stopping, on validation only
+        x_val, key = val.inputs(torch.arange(len(val), device=device)), "f1" if task == "state" else "acc"
+    for epoch in range(cfg.epochs):
+        loss_sum = torch.zeros((), device=device)
+        for it, s in enumerate(torch.randperm(N, device=device)[:steps_per_epoch * B].split(B)):
+            step = epoch * steps_per_epoch + it
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
+            loss = decoding_loss(model(augment(data, s, cfg, t_m=True)), data.labels[s], task)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+        if val is not None:
+            with torch.no_grad():
+                model.eval()
+                score = scores(model(x_val)[None], val.labels, task, n_out)[key].item()
+                model.train()
+            if score > best:
+                best, best_f = score, copy.deepcopy(f.state_dict())
+        last = {"epoch": epoch + 1, "loss": loss_sum.item() / steps_per_epoch, "lr": group["lr"]}
+        if (epoch + 1) % (cfg.log_every or max(1, cfg.epochs // 20)) == 0:
+            print(f"epoch {epoch + 1:4d}/{cfg.epochs} | supervised loss {last['loss']:.4f} | "
+                  f"lr {last['lr']:.2e} | {(epoch + 1) * steps_per_epoch * B / (time.time() - t0):,.0f} "
+                  f"samples/s" + (f" | best validation {best:.2f}" if val is not None else ""), flush=True)
+    if best_f is not None:
+        f.load_state_dict(best_f)
+    return f
+
+# ==== The monitor of long runs and the picture of mined views (Fig. 2) =============================
 def knn_accuracy(f, train, test, k=200, temperature=0.1, chunk=1024):
-    """The monitor of long runs: a weighted k-NN classifier (instance discrimination's k = 200,
-    temperature 0.1). Each test sample votes with its k most cosine-similar training samples,
-    weighted by exp(similarity / temperature). Test accuracy in %; draws no random numbers."""
+    """A weighted k-NN classifier (instance discrimination's k = 200, temperature 0.1). Each test
+    sample votes with its k most cosine-similar training samples, weighted by
+    exp(similarity / temperature). Test accuracy in %; draws no random numbers."""
     y_train, y_test = (F.normalize(y, dim=1) for y in representations(f, [train, test]))
     n_classes = int(train.labels.max()) + 1
     correct = 0
@@ -788,7 +836,6 @@ def knn_accuracy(f, train, test, k=200, temperature=0.1, chunk=1024):
         correct += int((votes.argmax(1) == test.labels[i:i + chunk]).sum())
     return 100 * correct / len(y_test)
 
-
 @torch.no_grad()
 def save_mined_views(path, f, target_f, data, cfg, n=32):
     """Figures 2 and S4: n anchors, each followed by its k nearest of L candidates, found as in
@@ -797,18 +844,178 @@ def save_mined_views(path, f, target_f, data, cfg, n=32):
     import torchvision
     gen = torch.Generator(data.x.device).manual_seed(cfg.seed)         # training's streams untouched
     s, c = (torch.randperm(len(data), generator=gen, device=data.x.device)[:m] for m in (n, pool_size(cfg)))
-    x_m, x_c = data.views(s, cfg, t_m=True), data.views(c, cfg, t_m=True)
+    x_m, x_c = augment(data, s, cfg, t_m=True), augment(data, c, cfg, t_m=True)
     f.eval(), target_f.eval()
     y_m, y_c = f(x_m), (target_f if cfg.mine_in == "target" else f)(x_c)
     f.train(), target_f.train()
-    top = nearest(y_m, y_c, data.allowed(s, c, cfg), cfg.k)[1]                     # (n, k)
+    top = nearest(y_m, y_c, data.allowed(s, c), cfg.k)[1]                          # (n, k)
     rows = torch.cat([x_m[:, None], x_c[top]], 1)                                  # (n, 1 + k, C, H, W)
     per_row = max(1, 8 // (1 + cfg.k))                                   # anchors side by side
-    torchvision.utils.save_image((rows.flatten(0, 1) * data.std + data.mean).clamp(0, 1), path,
+    png = io.BytesIO()
+    torchvision.utils.save_image((rows.flatten(0, 1) * data.std + data.mean).clamp(0, 1), png, format="png",
                                  nrow=per_row * (1 + cfg.k), padding=2, pad_value=1.0)
+    write_atomic(path, png.getvalue())
 
+# ==== Checks and parsing of the configuration: refusals are one line, exit status 2 ================
+class ConfigError(Exception):
+    """A configuration the run cannot honour: the message names the flag and what to do (exit 2)."""
 
-# ==== Distributed training hooks (torchrun) and checkpoints =======================================
+class RunError(Exception):
+    """A failure during the run (a write, memory): the message names what and what to do (exit 1)."""
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                   # one line and exit status 2, like every refusal
+        raise ConfigError(f"{message} (python myow.py --help lists every flag)")
+
+def parse_config(argv=None):
+    """The flags given, over the data set's preset, over the defaults; every field checked."""
+    parser = Parser(description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(Config):
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", default=None, help=help)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=None,
+                                help=f"{help} [{f.default}, or the dataset's preset]")
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    dataset = given.get("dataset", Config.dataset)
+    if dataset not in PRESETS:
+        raise ConfigError(f"unknown --dataset {dataset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = Config(**{**PRESETS[dataset], **given})
+    check_fields(cfg)
+    return cfg
+
+def is_area(v):                                         # 'lo:hi'
+    lo, hi = (float(x) for x in v.split(":"))
+    return 0 < lo <= hi <= 1
+
+def is_jitter(v):                                       # 'b,c,s,h': four numbers or a ValueError
+    b, c, s, h = (float(x) for x in v.split(","))
+    return 0 <= min(b, c, s, h) and max(b, c, s) < math.inf and h <= 0.5
+
+def is_exponents(v):                                    # 'a:b', or empty
+    if not v:
+        return True
+    a, b = (int(x) for x in v.split(":"))
+    return a <= b
+
+# What each rule in words (the `check` of a Config field) accepts; a rule that raises refuses too.
+RULES = {
+    INT1: lambda v: v >= 1, INT0: lambda v: v >= 0, "an integer >= 2 (BatchNorm needs two samples)": lambda v: v >= 2,
+    "an integer >= 8 (the small CNN pools three times)": lambda v: v >= 8,
+    "an integer in [0, 2^63)": lambda v: 0 <= v < 2 ** 63, "a data set named in --help": lambda v: v in PRESETS,
+    POS: lambda v: 0 < v < math.inf, NONNEG: lambda v: 0 <= v < math.inf, "seconds >= 0, or inf": lambda v: v >= 0,
+    PROB: lambda v: 0 <= v <= 1, "in [0, 1]": lambda v: 0 <= v <= 1, BELOW1: lambda v: 0 <= v < 1,
+    "in (0, 1)": lambda v: 0 < v < 1, AREA: is_area, "four numbers 'b,c,s,h', each >= 0, hue h <= 0.5": is_jitter,
+    "epochs 'm1,m2,...' (integers >= 1), or empty": lambda v: all(int(m) >= 1 for m in v.split(",")) if v else True,
+    "'a:b' with integers a <= b, or empty": is_exponents,
+}
+
+def existing_parent(path):
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+def check_fields(cfg):
+    """Every field against what it may be (the `check` of its arg), then what depends on the
+    data set and the machine: all before any data is loaded or any file is touched."""
+    for f in dataclasses.fields(Config):
+        v, check = getattr(cfg, f.name), f.metadata["check"]
+        if check is FREE:
+            continue
+        try:
+            ok, allowed = (v in check, " or ".join(check)) if isinstance(check, tuple) else (RULES[check](v), check)
+        except (ValueError, TypeError):                            # a string of the wrong format
+            ok, allowed = False, check
+        if not ok:
+            shown = repr(v) if isinstance(v, str) else v
+            raise ConfigError(f"--{f.name.replace('_', '-')} {shown}: must be {allowed}")
+    neural = cfg.dataset in NEURAL
+    if neural != (cfg.arch == "mlp"):
+        raise ConfigError(f"--arch {cfg.arch!r}: {cfg.dataset} takes "
+                          + ("mlp" if neural else "convnet, resnet18 or resnet50"))
+    if not neural and cfg.pretrain_on != "train":
+        raise ConfigError(f"--pretrain-on {cfg.pretrain_on!r}: images have no validation split; use train")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA device here; use --device cpu (or auto)")
+    if (cfg.save_embeddings or cfg.save_mined_views or cfg.resume) and not cfg.out:
+        raise ConfigError("--save-embeddings, --save-mined-views and --resume need --out DIR")
+    if cfg.save_mined_views and (neural or cfg.method != "myow"):
+        raise ConfigError(f"--save-mined-views draws images mined by MYOW; {cfg.dataset} with --method "
+                          f"{cfg.method} has none (use an image data set and --method myow)")
+    out, data_dir = (existing_parent(p) for p in (cfg.out or ".", cfg.data_dir))    # what exists of them
+    if cfg.out and not os.path.isdir(out):
+        raise ConfigError(f"--out {cfg.out}: {out} is a file, not a folder; give a folder path")
+    if cfg.out and not os.access(out, os.W_OK):
+        raise ConfigError(f"--out {cfg.out}: cannot write in {out}; give a writable folder")
+    if not os.path.isdir(data_dir):
+        raise ConfigError(f"--data-dir {cfg.data_dir}: {data_dir} is a file; give the folder that holds "
+                          f"the data (or will, with --download)")
+    if cfg.download and not os.access(data_dir, os.W_OK):
+        raise ConfigError(f"--download: cannot write in {data_dir}; give a writable --data-dir")
+    if cfg.dataset == "npz" and not (cfg.data_file.endswith(".npz") and os.path.isfile(cfg.data_file)):
+        raise ConfigError(f"--data-file {cfg.data_file!r}: --dataset npz needs an existing .npz file "
+                          f"(README: your own recording)")
+
+def available_memory(device):
+    """Bytes free on the GPU, or available to this process on the CPU (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as fh:                                  # Linux
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")      # macOS: all of it
+        except (AttributeError, ValueError, OSError):
+            return None
+
+def check_memory(cfg, device, world):
+    """Settings that cannot fit are refused before any data is built. Lower bounds, in float32 bytes
+    per process, of what the setting alone must hold at once: the views of a step and the first
+    layers' activations kept for backward (--batch-size), the fresh candidates' views and the
+    (B, L) similarities (--pool-size), a readout batch's features and outputs (--eval-batch-size)."""
+    free = available_memory(device)
+    if free is None:
+        return
+    size = cfg.image_size
+    per_view = 0 if cfg.arch == "mlp" else (1 if cfg.dataset in ("mnist", "fashion-mnist", "dsprites") else 3) * size ** 2
+    kept = {"mlp": 8 * cfg.hidden, "convnet": 2 * cfg.hidden * size ** 2}.get(cfg.arch, 2 * 64 * size ** 2)
+    D = {"mlp": cfg.rep_dim, "convnet": 72 * cfg.hidden, "resnet18": 512}.get(cfg.arch, 2048)
+    B, L = cfg.batch_size / world, pool_size(cfg) / world
+    sweep = len(range(*(int(v) + i for i, v in enumerate(cfg.eval_wd_exponents.split(":"))))) if cfg.eval_wd_exponents else 1
+    need = {"batch_size": 4 * 3 * B * (per_view + kept),
+            "pool_size": 4 * (L * per_view + B * pool_size(cfg)) * (cfg.method == "myow" and cfg.pool == "fresh"),
+            "eval_batch_size": 4 * cfg.eval_batch_size * (D + 2 * sweep)}
+    if sum(need.values()) > free:
+        flag = max(need, key=need.get)
+        raise ConfigError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: needs at least "
+                          f"{need[flag] / 2 ** 30:.1f} GiB at once, and {device} has {free / 2 ** 30:.1f} GiB "
+                          f"available; lower --{flag.replace('_', '-')}")
+
+def check_config(cfg, data, world):
+    """What depends on the loaded data and the number of processes (before --out is touched)."""
+    if cfg.method == "supervised" and (data.labels is None or world > 1 or cfg.resume):
+        raise ConfigError("--method supervised needs labels, one process and no --resume")
+    if cfg.batch_size > len(data):
+        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} samples of "
+                          f"{cfg.dataset} that training sees; use --batch-size {len(data)} or less")
+    if cfg.batch_size % world or (cfg.method == "myow" and pool_size(cfg) % world):
+        raise ConfigError(f"--batch-size {cfg.batch_size} and the pool (L = {pool_size(cfg)}) are global "
+                          f"and must divide by the {world} processes")
+    if cfg.method == "myow":
+        L = pool_size(cfg)
+        # candidates each anchor may ever mine among the training samples, by the mask (App. B)
+        every = torch.arange(len(data), device=data.x.device)
+        some = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:1024].to(every.device)
+        typical = int(data.allowed(some, every).sum(1).median())
+        if not 1 <= cfg.k <= min(L, typical):
+            raise ConfigError(f"--k {cfg.k} is larger than the eligible pool: L = {L} candidates, and "
+                              f"the mask (--min-gap-s {cfg.min_gap_s}) leaves a typical anchor {typical} "
+                              f"of the {len(data)} training samples; lower --k or --min-gap-s")
+
+# ==== Several processes (torchrun), signals, checkpoints ============================================
 def setup_distributed(cfg):
     """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is one process."""
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -825,18 +1032,73 @@ def setup_distributed(cfg):
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
 
+class Stopped(Exception):
+    """A signal stopped the run: exit status 128 + its number (143 for SIGTERM, 130 for SIGINT)."""
 
-def all_gather(x):
-    """Concatenate a tensor from all ranks, in rank order (the global mining pool, sec. 2.3)."""
-    if not dist.is_initialized():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    def __init__(self, signum, message):
+        super().__init__(f"{signal.Signals(signum).name} {message}")
+        self.signum = signum
 
+@contextmanager
+def stop_on_signals():
+    """The first SIGINT (Ctrl-C) or SIGTERM (how schedulers stop a job) asks train to stop after the
+    epoch, with a checkpoint; a second one ends the run at once. A repeat within a second is the
+    same request: torchrun forwards to its workers what a terminal or scheduler also sends them."""
+    first = []                                                      # [signal number, time]
+
+    def handler(signum, frame):
+        if first and time.time() - first[1] > 1:
+            raise Stopped(signum, "a second time: stopped at once, without a checkpoint of this epoch")
+        if not first:
+            first.extend([signum, time.time()])
+            print(f"{signal.Signals(signum).name}: stopping after this epoch (again to stop at once)",
+                  file=sys.stderr, flush=True)
+    before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield first
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+def end_of_epoch(cfg, epoch, stats, sched, saved, signalled, book):
+    """train's bookkeeping after each epoch: the means over steps and ranks, a stop on a non-finite
+    loss, the log record, the monitor, the checkpoint, and a stop when a signal came (every rank
+    stops at the same epoch). Returns the log record."""
+    model, target, opt, index_gen = saved
+    rank, world, steps_per_epoch = book["rank"], book["world"], book["steps"]
+    stop = torch.tensor(float(signalled[0] if signalled else 0), device=stats.device)
+    if world > 1:                             # every rank stops together; logs cover all ranks
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        dist.all_reduce(stats)
+        stats[:3] /= world
+    st = (stats / steps_per_epoch).tolist()
+    if not all(map(math.isfinite, st[:3])):   # a NaN or inf anywhere in the epoch stays in its mean
+        raise FloatingPointError(f"non-finite loss in epoch {epoch + 1} (mean loss {st[0]:.4g}: "
+                                 f"augmented-view loss {st[1]:.4g}, mined-view loss {st[2]:.4g}, "
+                                 f"lambda {sched['lam']:.4g}); lower --lr. The last good checkpoint is kept.")
+    mining = cfg.method == "myow"
+    last = {"epoch": epoch + 1, "loss": st[0], "loss_aug": st[1], "loss_mined": st[2] if mining else None,
+            "lr": sched["lr"], "tau": sched["tau"], "lambda": sched["lam"], "mining_class_acc": None}
+    if mining and book["labelled"]:                           # App. F: mined views of the anchor's label
+        last["mining_class_acc"] = 100 * stats[3].item() / max(1, stats[4].item())
+    if book["monitor"] and rank == 0 and (epoch + 1) % cfg.eval_every == 0:
+        last["knn_acc"] = book["monitor"](model.net.f)
+    done, t0 = epoch + 1 - book["start"], book["t0"]
+    now = time.time()
+    if rank == 0:
+        book["log"](last, print_line=(epoch + 1) % (cfg.log_every or max(1, cfg.epochs // 20)) == 0
+            or epoch + 1 == cfg.epochs, rate=done * steps_per_epoch * cfg.batch_size / (now - t0),
+            eta=(now - t0) / done * (cfg.epochs - epoch - 1))
+    if cfg.out and (stop or (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs):
+        state = {"model": model.state_dict(), "target": target.state_dict(), "opt": opt.state_dict(),
+                 "epoch": epoch + 1, "last": last, "rng": rng_states(index_gen), "config": dataclasses.asdict(cfg)}
+        if rank == 0:
+            save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), state)
+    if stop:
+        raise Stopped(int(stop), f"after epoch {epoch + 1}" + ("; checkpoint written" if cfg.out else ""))
+    return last
 
 RUN_FIELDS = {"out", "resume", "overwrite", "device", "log_every", "ckpt_every", "data_dir"}
-
 
 def rng_states(index_gen):
     """Every generator in use, for every rank (each has its own augmentation stream)."""
@@ -848,17 +1110,27 @@ def rng_states(index_gen):
     dist.all_gather_object(gathered, states)
     return gathered
 
+def write_atomic(path, data):
+    """Every file of a run is written so: bytes to a temporary file, flushed to disk, renamed. A kill
+    at any moment leaves the previous file whole; a write that fails (a full disk, a lost folder)
+    leaves no temporary file and ends the run in one line naming the file and the reason."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise RunError(f"could not write {path}: {e.strerror or e}; the files already there are kept "
+                       f"(free space or fix the folder, then continue with --resume)") from None
 
 def save_checkpoint(path, state):
-    """Atomic: write a temporary file, flush it to disk, rename. A kill at any moment leaves the
-    previous checkpoint readable."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
+    buffer = io.BytesIO()            # serialised first: a failing disk then fails in write_atomic
+    torch.save(state, buffer)
+    write_atomic(path, buffer.getbuffer())
 
 def load_checkpoint(path, cfg):
     if not os.path.exists(path):
@@ -881,77 +1153,6 @@ def load_checkpoint(path, cfg):
                           f"{', '.join(differ)}); resume with the same settings or use another --out")
     return state
 
-
-# ==== Training loop (Algorithm 1) =================================================================
-def pool_size(cfg):
-    """L, the candidates per step: --pool-size fresh ones, or the batch's own views (L = B)."""
-    return cfg.pool_size if cfg.pool == "fresh" else cfg.batch_size
-
-
-def check_config(cfg, data, world):
-    """What depends on the loaded data and the number of processes (before --out is touched)."""
-    if cfg.method == "supervised" and (data.labels is None or world > 1 or cfg.resume):
-        raise ConfigError("--method supervised needs labels, one process and no --resume")
-    if cfg.batch_size > len(data):
-        raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} samples of "
-                          f"{cfg.dataset} that training sees; use --batch-size {len(data)} or less")
-    if cfg.batch_size % world or (cfg.method == "myow" and pool_size(cfg) % world):
-        raise ConfigError(f"--batch-size {cfg.batch_size} and the pool (L = {pool_size(cfg)}) are global "
-                          f"and must divide by the {world} processes")
-    if cfg.method == "myow":
-        L = pool_size(cfg)
-        # candidates each anchor may ever mine among the training samples, by the mask (App. B)
-        every = torch.arange(len(data), device=data.x.device)
-        some = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:1024].to(every.device)
-        typical = int(data.allowed(some, every, cfg).sum(1).median())
-        if not 1 <= cfg.k <= min(L, typical):
-            raise ConfigError(f"--k {cfg.k} is larger than the eligible pool: L = {L} candidates, and "
-                              f"the mask (--min-gap-s {cfg.min_gap_s}) leaves a typical anchor {typical} "
-                              f"of the {len(data)} training samples; lower --k or --min-gap-s")
-
-
-def optimizer(cfg, model):
-    """App. C: SGD with momentum for images, weight decay on weight matrices and kernels only
-    (BatchNorm scales and shifts and biases, the 1-d tensors, undecayed as in BYOL and the
-    authors' image code). App. D: AdamW for neural data, decay on every parameter."""
-    if cfg.optimizer == "adamw":
-        # foreach: a few operations over all tensors a step (on CPU torch loops over them by default)
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-    params = list(model.parameters())
-    return torch.optim.SGD([{"params": [p for p in params if p.ndim > 1]},
-                            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-                           lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def autocast_for(cfg, device):
-    """bfloat16 autocast on CUDA for image encoders. The MLP of neural data stays in float32 there:
-    on an H100, bf16 cost Chewie-1 4.1 Acc (3 paired seeds) and saved no time (README)."""
-    bf16 = cfg.precision == "bf16" or cfg.precision == "auto" and cfg.arch != "mlp"
-    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and bf16 else nullcontext()
-
-
-def setup_training(cfg, data, device):
-    """The online model (theta and the predictors), the target network xi and the optimiser on the
-    device, and what a step calls: the online model (under DDP with torchrun), the target encoder
-    and the views (all compiled with --compile: the views' elementwise chains fuse), and the
-    autocast context, decided once."""
-    torch.manual_seed(cfg.seed)                                   # same initial theta everywhere
-    model, target = build_networks(cfg, data)
-    fmt = torch.channels_last if cfg.arch != "mlp" else torch.contiguous_format
-    model, target = model.to(device, memory_format=fmt), target.to(device, memory_format=fmt)
-    if dist.is_initialized() and device.type == "cuda":   # BatchNorm over the global batch (GPU only)
-        model, target = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (model, target))
-    opt = optimizer(cfg, model)
-    online = model
-    if dist.is_initialized():
-        ids = [device] if device.type == "cuda" else None
-        online = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    target_f, views = target.f, data.views
-    if cfg.compile:
-        online, target_f, views = torch.compile(online), torch.compile(target.f), torch.compile(data.views)
-    return model, target, opt, (model, online, target, target_f, views, autocast_for(cfg, device))
-
-
 def restore(state, model, target, opt, index_gen, rank, device):
     """--resume: the networks, the optimiser and this rank's random streams as the checkpoint left them."""
     model.load_state_dict(state["model"])
@@ -964,183 +1165,65 @@ def restore(state, model, target, opt, index_gen, rank, device):
         torch.cuda.set_rng_state(rng["cuda"])
     return state["epoch"], state["last"]
 
+# ==== The trained encoder outside the run: encoder.pt and load_encoder =============================
+def save_encoder(path, f, cfg, data):
+    """encoder.pt: f's weights and all that rebuilding and feeding it needs (the settings, the
+    number of input neurons or channels, the neurons kept, the training statistics, the image size)."""
+    inputs = {"c_in": data.x.shape[1], "mean": data.mean.cpu(), "std": data.std.cpu()}
+    if isinstance(data, neural_data.NeuralSplit):
+        inputs["keep"] = torch.as_tensor(data.keep)             # (N,) of the recording's neurons
+    else:
+        inputs["size"] = data.size
+    buffer = io.BytesIO()
+    torch.save({"format": "myow encoder 1", "config": dataclasses.asdict(cfg), "inputs": inputs,
+                "encoder": {k: v.cpu() for k, v in f.state_dict().items()}}, buffer)
+    write_atomic(path, buffer.getbuffer())
 
-def myow_step(cfg, data, nets, s_all, c_all, lam, rank, world):
-    """The loss of Algorithm 1 for one batch: s_all (B,) anchors and c_all (L,) candidates, the
-    same on every rank; this rank makes the views of its share (b anchors, l candidates). Returns
-    (loss, augmented-view loss, mined-view loss, mined views of the anchor's label, mined views)."""
-    model, online, target, target_f, views, autocast = nets
-    b, l = len(s_all) // world, len(c_all) // world
-    s, c = s_all[rank * b:(rank + 1) * b], c_all[rank * l:(rank + 1) * l]
-    mining = cfg.method == "myow"
-    fresh = mining and cfg.pool == "fresh"          # else the candidates are the batch's views x'
-    new_anchor = mining and cfg.anchor_view == "new"   # else x is the anchor x_m (T_m = T)
-    x, x2 = views(torch.cat([s, s]), cfg).split(b)                 # x = t(s), x' = t'(s); t, t' ~ T
-    # T_m views in one call: x_m = t_m(s) (Alg. 1) and x_c = t_m(c) (fresh candidates, App. B)
-    wanted = [s] * new_anchor + [c] * fresh
-    x_m, x_c = (views(torch.cat(wanted), cfg, t_m=True).split([b * new_anchor, l * fresh]) if wanted
-                else (x[:0], x[:0]))
-    with autocast:
-        with torch.no_grad():                                      # target network xi
-            y_t = target_f(torch.cat([x, x2, x_c]))                # (2b [+ l], D)
-            z_t = target.g(y_t)
-            u, z2 = z_t[:b], z_t[b:2 * b]                          # u = g(f(x)), z' = g(f(x'))
-        anchors = slice(2 * b, 3 * b) if new_anchor else slice(0, b)   # online rows of y_m
-        y, p, r_v = online(torch.cat([x, x2, x_m]), 2 * b, anchors if mining else None)
-        loss_aug = 2 * d(p, torch.cat([z2, u])).mean()             # d(q(z), z') + d(q(u'), u)
-        zero = torch.zeros((), device=x.device)
-        if not mining:
-            return torch.stack([loss_aug, loss_aug, zero, zero, zero])
-        with torch.no_grad():
-            cand = slice(2 * b, None) if fresh else slice(b, 2 * b)    # target rows of the candidates
-            if cfg.mine_in == "target":
-                y_pool = y_t[cand]                                 # (l, D) f_xi(x_c)
-            else:                                                  # App. F: online space
-                y_pool = model.net.f(x_c) if fresh else y[cand]
-            y_pool = all_gather(y_pool)                            # (L, D)
-            v_pool = all_gather(target.mined_space(y_t[cand], z_t[cand]))  # (L, Dv) v' of the candidates
-            allowed = data.allowed(s, c_all, cfg)                  # (b, L) mask (App. B)
-            j, has = mine(y[anchors], y_pool, allowed, cfg.k)
-        n_mined = has.sum()                                        # anchors with a mined view
-        loss_mine = (d(r_v, v_pool[j]) * has).sum() / n_mined.clamp(min=1)
-        same = ((data.labels[s] == data.labels[c_all[j]]) * has).sum() if data.labels is not None else zero
-        return torch.stack([loss_aug + lam * loss_mine, loss_aug, loss_mine, same, n_mined])
+def load_encoder(path, device="cpu"):
+    """The encoder of a finished run as a function from raw inputs to y = f(x), (n, D): firing rates
+    (T, N) in Hz of the training recording's N neurons (the silent ones are dropped as in training),
+    or uint8 images (n, C, H, W). Inputs are normalised with the training statistics; BatchNorm is
+    in eval mode. Three lines: `f = myow.load_encoder("runs/c1/encoder.pt"); y = f(rates)`."""
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+        assert saved["format"] == "myow encoder 1"
+        cfg, inputs = Config(**saved["config"]), saved["inputs"]
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path} is not an encoder.pt written by myow.py ({type(e).__name__}: {e}); "
+                         f"give the encoder.pt in the --out folder of a finished run") from None
+    f = encoder(cfg, inputs["c_in"], cfg.sup_dropout if cfg.method == "supervised" else 0.0)[0]
+    f.load_state_dict(saved["encoder"])
+    f.to(device).eval()
+    mean, std = inputs["mean"], inputs["std"]
+    neural = "keep" in inputs
+    want = f"firing rates (T, {len(inputs['keep'])})" if neural else f"uint8 images (n, {inputs['c_in']}, H, W)"
 
+    @torch.no_grad()
+    def embed(x):
+        x = torch.as_tensor(x, device=device)
+        if neural and x.ndim == 2 and x.shape[1] == len(inputs["keep"]) and x.is_floating_point():
+            x = (x.float()[:, inputs["keep"]] - mean) / std
+        elif not neural and x.ndim == 4 and x.shape[1] == inputs["c_in"] and x.dtype == torch.uint8:
+            x = image_inputs(x, mean, std, inputs["size"])
+        else:
+            raise ValueError(f"this encoder takes {want}, as in training; got {x.dtype} of shape {tuple(x.shape)}")
+        return torch.cat([f(c).float() for c in x.split(1024)])
+    return embed
 
-def train(cfg, data, device, log, rank=0, world=1, state=None, monitor=None):
-    """Algorithm 1 on the split `data`: epochs of steps, then the log, the monitor and the
-    checkpoint. Returns the online model and the last epoch's log record. monitor(f) -> accuracy
-    in %, called on rank 0 every --eval-every epochs (knn_accuracy)."""
-    model, target, opt, nets = setup_training(cfg, data, device)
-    xi, theta = ema_tensors(target), ema_tensors(model.net)
-    N, B, L = len(data), cfg.batch_size, pool_size(cfg)
-    steps_per_epoch = N // B                                               # full batches only
-    total = cfg.epochs * steps_per_epoch
-    log_every = cfg.log_every or max(1, cfg.epochs // 20)
-    index_gen = torch.Generator(device).manual_seed(cfg.seed)  # batches and pools: same on all ranks
-    torch.manual_seed(cfg.seed + rank)                          # augmentations: one stream per rank
-    start, last = restore(state, model, target, opt, index_gen, rank, device) if state else (0, None)
-    ckpt = os.path.join(cfg.out, "checkpoint.pt") if cfg.out else None
-    stop = {"interrupted": False}
-
-    def on_ctrl_c(*_):                          # first Ctrl-C: finish the epoch, save, exit
-        if stop["interrupted"]:
-            raise KeyboardInterrupt("interrupted twice; no checkpoint written for this epoch")
-        stop["interrupted"] = True
-    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
-    t0, step = time.time(), start * steps_per_epoch
-    for epoch in range(start, cfg.epochs):
-        stats = torch.zeros(5, device=device)     # loss, aug loss, mined loss, same-label, mined
-        perm = torch.randperm(N, generator=index_gen, device=device)
-        for it in range(steps_per_epoch):
-            lr = lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
-            tau = tau_at(step, total, cfg.tau, 1.0 if cfg.tau_schedule == "cosine" else cfg.tau)
-            lam = lambda_at(step, cfg.mining_ramp_epochs * steps_per_epoch, cfg.mining_weight)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            s = perm[it * B:(it + 1) * B]                      # (B,) the global batch's anchors
-            c = s                                              # (L,) candidates: the batch's x'
-            if cfg.method == "myow" and cfg.pool == "fresh":   # or an independent stream (App. B)
-                c = torch.cat([torch.randperm(N, generator=index_gen, device=device)
-                               for _ in range(-(-L // N))])[:L]                     # L may exceed N
-            out = myow_step(cfg, data, nets, s, c, lam, rank, world)
-            opt.zero_grad(set_to_none=True)
-            out[0].backward()
-            opt.step()
-            update_target(xi, theta, tau)                                  # eq. (2)
-            stats += out.detach()
-            step += 1
-        interrupted = torch.tensor(float(stop["interrupted"]), device=device)
-        if world > 1:                             # every rank stops together; logs cover all ranks
-            dist.all_reduce(interrupted, op=dist.ReduceOp.MAX)
-            dist.all_reduce(stats)
-            stats[:3] /= world
-        st = (stats / steps_per_epoch).tolist()
-        if not all(map(math.isfinite, st[:3])):   # a NaN or inf anywhere in the epoch stays in its mean
-            raise FloatingPointError(f"non-finite loss in epoch {epoch + 1} (mean loss {st[0]:.4g}: "
-                                     f"augmented-view loss {st[1]:.4g}, mined-view loss {st[2]:.4g}, "
-                                     f"lambda {lam:.4g}); lower --lr. The last good checkpoint is kept.")
-        mining, labels = cfg.method == "myow", data.labels is not None
-        last = {"epoch": epoch + 1, "loss": st[0], "loss_aug": st[1], "loss_mined": st[2] if mining else None,
-                "lr": lr, "tau": tau, "lambda": lam, "mining_class_acc": None}
-        if mining and labels:                                      # App. F: mined views of the anchor's label
-            last["mining_class_acc"] = 100 * stats[3].item() / max(1, stats[4].item())
-        if monitor and rank == 0 and (epoch + 1) % cfg.eval_every == 0:
-            last["knn_acc"] = monitor(model.net.f)
-        done = epoch + 1 - start
-        if rank == 0:
-            log(last, print_line=(epoch + 1) % log_every == 0 or epoch + 1 == cfg.epochs,
-                rate=done * steps_per_epoch * B / (time.time() - t0),
-                eta=(time.time() - t0) / done * (cfg.epochs - epoch - 1))
-        if ckpt and (interrupted or (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs):
-            state = {"model": model.state_dict(), "target": target.state_dict(), "opt": opt.state_dict(),
-                     "epoch": epoch + 1, "last": last, "rng": rng_states(index_gen),
-                     "config": dataclasses.asdict(cfg)}
-            if rank == 0:
-                save_checkpoint(ckpt, state)
-        if interrupted:
-            raise KeyboardInterrupt(f"interrupted after epoch {epoch + 1}" + (
-                f"; checkpoint written, continue with --resume --out {cfg.out}" if ckpt else ""))
-    signal.signal(signal.SIGINT, previous_handler)
-    if cfg.save_mined_views and rank == 0:
-        save_mined_views(os.path.join(cfg.out, "mined_views.png"), model.net.f, target.f, data, cfg)
-    return model, last
-
-
-def train_supervised(cfg, splits, device):
-    """The supervised baseline of Table 3: the same encoder trained end to end on the labels
-    through a linear head, with the same optimiser and schedule, on views of T_m (neural data: T,
-    which is T_m there; images: crops of area 0.8-1), with dropout after every block and weight
-    decay (sec. 3.3). Where there is a validation split, the encoder of the epoch whose head scores
-    best there is kept: the number of epochs is chosen on validation. Returns the encoder f."""
-    data, val, task = splits[0], splits[1], splits[0].task
-    torch.manual_seed(cfg.seed)
-    n_out = 2 if task == "reach" else int(data.labels.max()) + 1
-    f, D = encoder(cfg, data, dropout=cfg.sup_dropout)
-    model = nn.Sequential(f, nn.Linear(D, n_out)).to(device)
-    opt = optimizer(cfg, model)
-    N, B = len(data), cfg.batch_size
-    steps_per_epoch, t0 = N // B, time.time()
-    total = cfg.epochs * steps_per_epoch
-    best, best_f = -math.inf, None
-    if val is not None:                                       # early stopping, on validation only
-        x_val, key = val.inputs(torch.arange(len(val), device=device)), "f1" if task == "state" else "acc"
-    for epoch in range(cfg.epochs):
-        loss_sum = torch.zeros((), device=device)
-        for it, s in enumerate(torch.randperm(N, device=device)[:steps_per_epoch * B].split(B)):
-            step = epoch * steps_per_epoch + it
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
-            loss = decoding_loss(model(data.views(s, cfg, t_m=True)), data.labels[s], task)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach()
-        if val is not None:
-            with torch.no_grad():
-                model.eval()
-                score = scores(model(x_val)[None], val.labels, task, n_out)[key].item()
-                model.train()
-            if score > best:
-                best, best_f = score, copy.deepcopy(f.state_dict())
-        last = {"epoch": epoch + 1, "loss": loss_sum.item() / steps_per_epoch, "lr": group["lr"]}
-        if (epoch + 1) % (cfg.log_every or max(1, cfg.epochs // 20)) == 0:
-            print(f"epoch {epoch + 1:4d}/{cfg.epochs} | supervised loss {last['loss']:.4f} | "
-                  f"lr {last['lr']:.2e} | {(epoch + 1) * steps_per_epoch * B / (time.time() - t0):,.0f} "
-                  f"samples/s" + (f" | best validation {best:.2f}" if val is not None else ""), flush=True)
-    if best_f is not None:
-        f.load_state_dict(best_f)
-    return f
-
-
-# ==== Entry point =================================================================================
+# ==== --out: the log, the files of a run, and never overwriting one silently =======================
 def make_logger(cfg):
     path = os.path.join(cfg.out, "log.jsonl") if cfg.out else None
 
     def log(rec, print_line, rate, eta):
         if path:
-            with open(path, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            try:
+                with open(path, "a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+            except OSError as e:
+                raise RunError(f"could not write {path}: {e.strerror or e}; the checkpoint is kept "
+                               f"(free space or fix the folder, then continue with --resume)") from None
         if print_line:
             mined = f" mined {rec['loss_mined']:.3f}" if rec["loss_mined"] is not None else ""
             if rec["mining_class_acc"] is not None:       # mined views sharing the anchor's label
@@ -1151,10 +1234,8 @@ def make_logger(cfg):
                   + f"{rate:,.0f} samples/s | ETA {eta:.0f}s", flush=True)
     return log
 
-
-OUT_FILES = ("config.json", "log.jsonl", "results.json", "checkpoint.pt", "embeddings.tsv", "metadata.tsv",
-             "mined_views.png")
-
+OUT_FILES = ("config.json", "log.jsonl", "results.json", "checkpoint.pt", "encoder.pt", "embeddings.tsv",
+             "metadata.tsv", "mined_views.png")
 
 def prepare_out(cfg, rank):
     """Never overwrite a run silently: continue it (--resume) or replace it (--overwrite)."""
@@ -1173,22 +1254,31 @@ def prepare_out(cfg, rank):
             for f in ours:
                 os.remove(os.path.join(cfg.out, f))
         log = os.path.join(cfg.out, "log.jsonl")
-        if state and os.path.exists(log):          # drop epochs logged after the checkpoint
-            keep = [l for l in open(log) if l.strip() and json.loads(l)["epoch"] <= state["epoch"]]
-            with open(log + ".tmp", "w") as fh:
-                fh.writelines(keep)
-            os.replace(log + ".tmp", log)
-        with open(os.path.join(cfg.out, "config.json"), "w") as fh:
-            json.dump(dataclasses.asdict(cfg), fh, indent=1)
+        if state and os.path.exists(log):          # epochs logged after the checkpoint go, and a line
+            keep = []                              # torn by a kill or a full disk
+            for line in open(log):
+                try:
+                    keep += [line] if json.loads(line)["epoch"] <= state["epoch"] else []
+                except (ValueError, KeyError, TypeError):
+                    pass
+            write_atomic(log, "".join(keep).encode())
+        write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1).encode())
     return state
 
+def tsv(feats):                                      # (n, D) -> the projector's embeddings.tsv
+    text = io.StringIO()
+    np.savetxt(text, feats, delimiter="\t", fmt="%.5g")
+    return text.getvalue().encode()
 
 def run(cfg):
     t_start = time.time()
     rank, world, device = setup_distributed(cfg)
+    check_memory(cfg, device, world)
     if cfg.dataset in NEURAL:
-        rec, splits, split_idx, pretrain = load_neural(cfg, device)
+        rec, splits, split_idx, pretrain = neural_data.load_neural(cfg, device)
         about = f"{len(rec.rates)} bins x {splits[0].x.shape[1]} neurons"
+        if pretrain.min_gap_s != cfg.min_gap_s:
+            about += f", one continuous recording: mined views >= {pretrain.min_gap_s:g} s away (--min-gap-s)"
     else:
         rec, splits = None, load_images(cfg, device)
         splits.insert(1, None)                                   # public train/test split, no validation
@@ -1222,38 +1312,59 @@ def run(cfg):
         metrics["test_acc_cifar20"] = linear_eval(feats, coarse, "class", cfg)["test_acc"]
     result = {"dataset": cfg.dataset, "method": cfg.method, "seed": cfg.seed, "epochs": cfg.epochs,
               **metrics, "mining_class_acc": last["mining_class_acc"], "knn_acc": last.get("knn_acc"),
-              "world_size": world,
-              "train_seconds": round(train_seconds, 2), "eval_seconds": round(time.time() - t0, 2),
-              "total_seconds": round(time.time() - t_start, 2)}
+              "world_size": world, "train_seconds": round(train_seconds, 2),
+              "eval_seconds": round(time.time() - t0, 2), "total_seconds": round(time.time() - t_start, 2)}
     if cfg.out:
-        with open(os.path.join(cfg.out, "results.json"), "w") as fh:
-            json.dump(result, fh, indent=1)
+        if cfg.method != "raw":                                    # raw has no encoder to keep
+            save_encoder(os.path.join(cfg.out, "encoder.pt"), f, cfg, pretrain)
         if cfg.save_embeddings and rec is not None:   # the ring of reach directions of Fig. 3C, say
-            neural_data.write_projector_tsv(cfg.out, torch.cat(feats[:3]).cpu().numpy(), rec, split_idx)
+            meta = neural_data.projector_metadata(rec, split_idx)
+            embeddings = torch.cat(feats[:3])
         elif cfg.save_embeddings:                      # images: the test set, one label a row
-            np.savetxt(os.path.join(cfg.out, "embeddings.tsv"), feats[2].cpu().numpy(), delimiter="\t",
-                       fmt="%.5g")
-            with open(os.path.join(cfg.out, "metadata.tsv"), "w") as fh:
-                fh.write("split\tlabel\n" + "".join(f"test\t{l}\n" for l in labels[2].tolist()))
+            meta = "split\tlabel\n" + "".join(f"test\t{l}\n" for l in labels[2].tolist())
+            embeddings = feats[2]
+        if cfg.save_embeddings:
+            write_atomic(os.path.join(cfg.out, "embeddings.tsv"), tsv(embeddings.cpu().numpy()))
+            write_atomic(os.path.join(cfg.out, "metadata.tsv"), meta.encode())
+        write_atomic(os.path.join(cfg.out, "results.json"), json.dumps(result, indent=1).encode())
     print(json.dumps(result), flush=True)
     if world > 1:
         dist.barrier()
     return result
 
+def resume_command(argv):
+    """The command that continues this run: its own flags, --resume, and torchrun's process count."""
+    flags = [a for a in argv if a not in ("--resume", "--overwrite")] + ["--resume"]
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    launcher = ["torchrun", "--nproc_per_node", str(here)] if "RANK" in os.environ else ["python"]
+    return shlex.join(launcher + [os.path.relpath(__file__)] + flags)
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = None
     try:
-        run(parse_config(argv))
+        cfg = parse_config(argv)
+        run(cfg)
     except ConfigError as e:                    # a setting refused: argparse's status for usage errors
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (neural_data.DataError, FloatingPointError, KeyboardInterrupt) as e:   # failed during the run
-        print(f"{'stopped' if isinstance(e, KeyboardInterrupt) else 'error'}: {e}", file=sys.stderr)
+    except (neural_data.DataError, RunError, FloatingPointError) as e:   # failed during the run
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Stopped as e:                        # SIGINT or SIGTERM: 128 + its number, as a shell reports
+        kept = os.path.exists(os.path.join(cfg.out, "checkpoint.pt")) if cfg.out else False
+        print(f"stopped: {e}" + (f"; continue with: {resume_command(argv)}" if kept else ""), file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except RuntimeError as e:                   # out of memory: CUDA's own error, the CPU allocator's
+        if not isinstance(e, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        print(f"error: out of memory ({str(e).splitlines()[0][:120]}); lower --batch-size {cfg.batch_size}, "
+              f"--pool-size {pool_size(cfg)} or --eval-batch-size {cfg.eval_batch_size}; a checkpoint in "
+              f"--out is kept", file=sys.stderr)
         sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

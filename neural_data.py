@@ -20,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 class DataError(Exception):
@@ -276,18 +277,13 @@ def validate(rec):
     return rec
 
 
-def write_projector_tsv(out, feats, rec, split_idx):
-    """Representations (T, D) of every bin, rows in the order of `split_idx` (train, val, test
-    indices into the recording), as the two tab-separated files the TensorBoard embedding
-    projector loads: embeddings.tsv (no header) and metadata.tsv (one header line)."""
-    np.savetxt(os.path.join(out, "embeddings.tsv"), feats, delimiter="\t", fmt="%.5g")
+def projector_metadata(rec, split_idx):
+    """metadata.tsv of the TensorBoard embedding projector for the rows of embeddings.tsv: one row a
+    bin, in the order of `split_idx` (train, val, test indices into the recording), one header line."""
     label = {"reach": "direction", "state": "state"}.get(rec.task, "label")
-    with open(os.path.join(out, "metadata.tsv"), "w") as fh:
-        fh.write(f"split\ttrial\ttime_s\t{label}\n")
-        for name, idx in zip(("train", "val", "test"), split_idx):
-            for i in idx:
-                lab = "" if rec.labels is None else int(rec.labels[i])
-                fh.write(f"{name}\t{rec.trial[i]}\t{rec.time[i]:.2f}\t{lab}\n")
+    rows = [f"{name}\t{rec.trial[i]}\t{rec.time[i]:.2f}\t{'' if rec.labels is None else int(rec.labels[i])}\n"
+            for name, idx in zip(("train", "val", "test"), split_idx) for i in idx]
+    return f"split\ttrial\ttime_s\t{label}\n" + "".join(rows)
 
 
 def load_recording(name, data_dir="data", data_file=None, seed=0, download=True):
@@ -303,3 +299,58 @@ def load_recording(name, data_dir="data", data_file=None, seed=0, download=True)
             raise DataError("--dataset npz needs --data-file PATH.npz (see README, 'Your own recording')")
         return load_npz(data_file)
     raise DataError(f"unknown neural dataset {name!r}; choose synthetic, chewie1, chewie2, mihi1, mouse or npz")
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The splits as training sees them: tensors on the device
+# ---------------------------------------------------------------------------------------------
+class NeuralSplit:
+    """One split of a recording as tensors on the device, so batches are indexed, not loaded;
+    with what temporal jitter (Appendix J) and the mining mask (Appendix B) need."""
+
+    def __init__(self, rec, idx, keep, mean, std, jitter_s, min_gap_s, device):
+        self.x = torch.as_tensor(rec.rates[idx][:, keep], device=device)          # (N, units) Hz
+        self.keep = keep                                   # (neurons,) bool: not silent in training
+        self.mean, self.std = mean.to(device), std.to(device)       # (units,) of what training sees
+        self.labels = None if rec.labels is None else torch.as_tensor(rec.labels[idx], device=device)
+        self.task, self.min_gap_s = rec.task, min_gap_s
+        lo, hi = jitter_bounds(rec.trial[idx], rec.time[idx], jitter_s)
+        self.axis = torch.as_tensor(trial_axis(rec.trial[idx], rec.time[idx], min_gap_s),
+                                    dtype=torch.float32, device=device)  # (N,) for the mask; float32
+        # decides |a - c| >= gap exactly on the published recordings (checked against the definition)
+        self.jitter_lo = torch.as_tensor(lo, device=device)
+        self.jitter_n = torch.as_tensor(hi - lo + 1, device=device)          # samples in window
+
+    def __len__(self):
+        return len(self.x)
+
+    def inputs(self, idx):                                     # unaugmented, for evaluation
+        return (self.x[idx] - self.mean) / self.std
+
+    def allowed(self, s, c):                                   # (B, L) mining mask (App. B)
+        return mining_mask(self.axis[s], self.axis[c], self.min_gap_s)
+
+
+def load_neural(cfg, device):
+    """The recording, its [train, val, test] splits, their sample indices, and the split that
+    self-supervised training sees (train, or train + val without labels: --pretrain-on).
+    A continuous recording (one trial) has no other trials to mine: with --min-gap-s inf its mask
+    keeps samples 1/24 of its length apart (App. D.2: 30 min of 12 h)."""
+    rec = validate(load_recording(cfg.dataset, cfg.data_dir, cfg.data_file))
+    idx = temporal_split(rec.trial)
+    seen = np.concatenate(idx[:2]) if cfg.pretrain_on == "train+val" else idx[0]   # labels unused
+    gap = cfg.min_gap_s
+    if math.isinf(gap) and (rec.trial == rec.trial[0]).all():
+        gap = float(rec.time.max() - rec.time.min()) / 24
+    # z-scored with the statistics of the samples training sees (never test), as the authors' code;
+    # on Mouse-CA1 validation +0.8 F1 over train-only statistics (README)
+    rates = rec.rates[seen]
+    std = rates.std(0)
+    keep = std > 0          # neurons silent throughout training carry nothing (data README)
+    mean, std = torch.as_tensor(rates.mean(0)[keep]), torch.as_tensor(std[keep])
+    splits = [NeuralSplit(rec, i, keep, mean, std, cfg.jitter_s, gap, device) for i in idx]
+    pretrain = splits[0]
+    if cfg.pretrain_on == "train+val":
+        pretrain = NeuralSplit(rec, seen, keep, mean, std, cfg.jitter_s, gap, device)
+    return rec, splits, idx, pretrain

@@ -1,11 +1,14 @@
 """Properties of MYOW that fail when the method is wrong. Run: python -m pytest -q test_myow.py"""
 import copy
 import dataclasses
+import errno
 import json
 import math
 import os
 import pickle
 import re
+import shlex
+import signal
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -102,8 +105,8 @@ def test_mining_mask_is_another_trial_or_far_enough_in_time():
 def make_split(cfg, rec):
     idx = np.arange(len(rec.rates))
     keep = np.ones(rec.rates.shape[1], bool)
-    return myow.NeuralSplit(rec, idx, keep, torch.zeros(keep.sum()), torch.ones(keep.sum()),
-                            cfg, torch.device("cpu"))
+    return nd.NeuralSplit(rec, idx, keep, torch.zeros(keep.sum()), torch.ones(keep.sum()),
+                          cfg.jitter_s, cfg.min_gap_s, torch.device("cpu"))
 
 
 def test_augmentation_randomness_is_per_sample():
@@ -165,7 +168,7 @@ def test_tau_schedule_per_domain():
         assert cfg.tau == base and cfg.tau_schedule == "cosine", argv
     for schedule in ("cosine", "constant"):             # what training applies, step by step
         cfg = myow.parse_config(["--tau-schedule", schedule, "--epochs", "4", "--warmup-epochs", "1"])
-        pretrain = myow.load_neural(cfg, torch.device("cpu"))[3]
+        pretrain = nd.load_neural(cfg, torch.device("cpu"))[3]
         taus = []
         myow.train(cfg, pretrain, torch.device("cpu"), lambda rec, **kw: taus.append(rec["tau"]))
         total = 4 * (len(pretrain) // cfg.batch_size)                  # steps; logged: each epoch's last
@@ -178,14 +181,14 @@ def test_tau_schedule_per_domain():
 
 def test_pretraining_on_train_and_val_adds_val_samples_never_test():
     cfg = myow.parse_config(["--pretrain-on", "train+val"])
-    rec, splits, idx, pretrain = myow.load_neural(cfg, torch.device("cpu"))
+    rec, splits, idx, pretrain = nd.load_neural(cfg, torch.device("cpu"))
     assert len(pretrain) == len(splits[0]) + len(splits[1])
     assert torch.equal(pretrain.x, torch.cat([splits[0].x, splits[1].x]))  # same inputs, same order
     assert torch.equal(pretrain.mean, splits[0].mean)                # normalised by train statistics
-    views = pretrain.views(torch.arange(len(pretrain)), cfg)         # jitter stays within its split
+    views = myow.augment(pretrain, torch.arange(len(pretrain)), cfg)         # jitter stays within its split
     assert torch.isfinite(views).all()
     assert not set(idx[2]) & set(np.concatenate(idx[:2]))
-    _, splits, _, pretrain = myow.load_neural(myow.parse_config(["--pretrain-on", "train"]), torch.device("cpu"))
+    _, splits, _, pretrain = nd.load_neural(myow.parse_config(["--pretrain-on", "train"]), torch.device("cpu"))
     assert pretrain is splits[0]
 
 
@@ -255,7 +258,7 @@ def test_knn_monitor_leaves_training_unchanged():
     """--eval-every reads representations without drawing random numbers or touching BatchNorm
     statistics: a run with the monitor ends with exactly the weights of a run without it."""
     cfg = myow.parse_config(["--epochs", "4", "--warmup-epochs", "1", "--eval-every", "1"])
-    rec, splits, _, pretrain = myow.load_neural(cfg, torch.device("cpu"))
+    rec, splits, _, pretrain = nd.load_neural(cfg, torch.device("cpu"))
     calls = []
 
     def monitor(f):
@@ -356,7 +359,8 @@ def test_npz_recording_round_trip(tmp_path):
 # --- the command line -------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["myow", "byol"])
 def test_cli_trains_and_prints_json(method, tmp_path):
-    p = run_cli("--epochs", "40", "--method", method, "--warmup-epochs", "4", "--out", str(tmp_path))
+    p = run_cli("--epochs", "40", "--method", method, "--warmup-epochs", "4", "--out", str(tmp_path),
+                "--save-embeddings")
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout.strip().splitlines()[-1])
     for key in ("dataset", "method", "seed", "epochs", "train_seconds", "eval_seconds",
@@ -367,6 +371,16 @@ def test_cli_trains_and_prints_json(method, tmp_path):
     assert (res["mining_class_acc"] is None) == (method == "byol")
     log = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert len(log) == 40 and json.load(open(tmp_path / "results.json")) == res
+    # the trained encoder outside the run: raw rates in Hz -> the same y as embeddings.tsv
+    f = myow.load_encoder(tmp_path / "encoder.pt")
+    rates = nd.synthetic_reach().rates                                  # (T, 96) Hz, recording order
+    emb = np.loadtxt(tmp_path / "embeddings.tsv", delimiter="\t")
+    np.testing.assert_allclose(f(rates).numpy(), emb, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=rf"\(T, 96\).*\({len(rates)}, 90\)"):          # both numbers
+        f(rates[:, :90])
+    for not_an_encoder in (tmp_path / "checkpoint.pt", tmp_path / "results.json"):
+        with pytest.raises(ValueError, match="not an encoder.pt"):
+            myow.load_encoder(not_an_encoder)
 
 
 # --- several processes (torchrun, gloo on CPU) ------------------------------------------------
@@ -374,11 +388,12 @@ DDP_SCRIPT = """
 import os, sys, torch
 sys.path.insert(0, {here!r})
 import myow
+import neural_data as nd
 cfg = myow.parse_config(["--epochs", "3", "--warmup-epochs", "300", "--dropout-max", "0", "--noise-p", "0",
                          "--pepper-p", "0", "--jitter-s", "0", "--k", "1", "--batch-size", "1024",
                          "--pool-size", "1024"])
 rank, world, device = myow.setup_distributed(cfg)
-rec, splits, _, _ = myow.load_neural(cfg, device)
+rec, splits, _, _ = nd.load_neural(cfg, device)
 model, _ = myow.train(cfg, splits[0], device, lambda *a, **k: None, rank, world)
 grad = torch.cat([p.grad.flatten() for p in model.parameters()])      # the last step's gradient
 pool = myow.all_gather(torch.arange(3) + 10 * rank)
@@ -447,12 +462,16 @@ import os, sys, time, numpy as np, torch, torchvision
 sys.path.insert(0, {here!r})
 import myow
 
-class Fake:                                    # records who downloaded, and when, instead of fetching
-    def __init__(self, root, train, download):
+class Fake:                                    # a data set that records who downloaded it, and when
+    def __init__(self, root, train, download=False):
         rank = torch.distributed.get_rank()
         t0 = time.time()
-        time.sleep(1.0 if download else 0.0)
-        with open(os.path.join(root, "calls.txt"), "a") as fh:
+        if download:
+            time.sleep(1.0)
+            open(os.path.join(root, f"part{{int(train)}}"), "w").close()
+        elif not os.path.exists(os.path.join(root, f"part{{int(train)}}")):
+            raise RuntimeError("Dataset not found")
+        with open(os.path.join({out!r}, "calls.txt"), "a") as fh:
             fh.write(f"{{rank}} {{int(download)}} {{t0}} {{time.time()}}\\n")
         self.data, self.targets = np.zeros((8, 32, 32, 3), np.uint8), [0] * 8
 torchvision.datasets.CIFAR10 = Fake
@@ -480,9 +499,15 @@ METRICS = ("test_acc", "test_delta_acc", "val_acc", "mining_class_acc")
 FAST = ("--epochs", "30", "--warmup-epochs", "3", "--ckpt-every", "5", "--log-every", "1")
 
 
-def test_killed_and_resumed_run_ends_like_uninterrupted(tmp_path):
-    full = run_cli(*FAST, "--out", str(tmp_path / "full"))
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The metrics of the FAST run, trained without interruption (shared by the resume tests)."""
+    full = run_cli(*FAST, "--out", str(tmp_path_factory.mktemp("full")))
     assert full.returncode == 0, full.stderr
+    return {k: json.loads(full.stdout.strip().splitlines()[-1])[k] for k in METRICS}
+
+
+def test_killed_and_resumed_run_ends_like_uninterrupted(tmp_path, uninterrupted):
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "myow.py", *FAST, "--out", str(out)], cwd=HERE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -495,22 +520,52 @@ def test_killed_and_resumed_run_ends_like_uninterrupted(tmp_path):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 10
     resumed = run_cli(*FAST, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    a, b = (json.loads(p.stdout.strip().splitlines()[-1]) for p in (full, resumed))
-    assert {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}
+    assert {k: json.loads(resumed.stdout.strip().splitlines()[-1])[k] for k in METRICS} == uninterrupted
     assert [json.loads(l)["epoch"] for l in open(out / "log.jsonl")] == list(range(1, 31))
 
 
-def test_ctrl_c_writes_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_finishes_the_epoch_and_the_printed_command_resumes_exactly(sig, tmp_path, uninterrupted):
+    """Ctrl-C, and SIGTERM as schedulers send it: the epoch ends, a checkpoint is written, the
+    status is 128 + the signal, the last line says how to continue, and doing so ends with exactly
+    the metrics of an uninterrupted run."""
     proc = subprocess.Popen([sys.executable, "myow.py", *FAST, "--out", str(tmp_path)], cwd=HERE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("epoch    7/"):
-            proc.send_signal(2)                              # SIGINT, as Ctrl-C
+            proc.send_signal(sig)
             break
     err = proc.communicate(timeout=60)[1]
-    assert proc.returncode != 0 and "--resume" in err and "Traceback" not in err
-    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"]
-    assert 7 <= saved < 30
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err
+    assert 7 <= torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] < 30
+    command = shlex.split(err.strip().splitlines()[-1].split("continue with: ")[1])
+    assert command[:2] == ["python", "myow.py"] and command[-1] == "--resume"
+    resumed = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, cwd=HERE, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    assert {k: json.loads(resumed.stdout.strip().splitlines()[-1])[k] for k in METRICS} == uninterrupted
+
+
+def test_sigterm_under_torchrun_stops_every_rank_and_resumes_exactly(tmp_path):
+    """torchrun passes SIGTERM to its workers: both ranks finish the same epoch, one checkpoint is
+    written, and torchrun --resume ends with the metrics of an uninterrupted torchrun run."""
+    full = torchrun(2, "myow.py", *FAST, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "myow.py", *FAST, "--out", str(out)], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    for line in proc.stdout:
+        if line.startswith("epoch    7/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    err = proc.communicate(timeout=120)[1]
+    assert "continue with: torchrun --nproc_per_node 2" in err, err[-3000:]
+    assert 7 <= torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] < 30
+    resumed = torchrun(2, "myow.py", *FAST, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (json.loads([l for l in p.stdout.splitlines() if l.startswith("{")][0]) for p in (full, resumed))
+    assert {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}
 
 
 def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
@@ -524,6 +579,88 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         myow.save_checkpoint(path, {"epoch": 2})
     assert torch.load(path, weights_only=True) == {"epoch": 1}
+
+
+def test_a_failed_write_ends_in_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """A full disk at the second checkpoint: one line naming the file and the OS's reason, exit 1,
+    no temporary file left, the first checkpoint intact, and --resume from it finishes the run."""
+    real_open, opened = open, []
+
+    class FullDisk:                                   # writes a little, then the disk is full
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, data):
+            self.fh.write(bytes(data)[:100])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def open_full_disk(path, *args, **kwargs):
+        fh = real_open(path, *args, **kwargs)
+        opened.append(str(path))
+        return FullDisk(fh) if sum(p.endswith("checkpoint.pt.tmp") for p in opened) > 1 else fh
+    monkeypatch.setattr(myow, "open", open_full_disk, raising=False)
+    argv = ["--epochs", "12", "--ckpt-every", "5", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        myow.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "checkpoint.pt" in err and os.strerror(errno.ENOSPC) in err
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 5
+    monkeypatch.undo()
+    assert myow.main(argv + ["--resume"]) is None and (tmp_path / "results.json").exists()
+
+
+def test_settings_too_large_for_memory_are_refused_before_any_data(monkeypatch, capsys, tmp_path):
+    """A mistyped --pool-size, --batch-size or --eval-batch-size: one line naming the flag and the
+    memory, exit 2, before any data is built."""
+    monkeypatch.setattr(myow, "load_images", lambda *a: pytest.fail("data built"))
+    monkeypatch.setattr(nd, "load_neural", lambda *a: pytest.fail("data built"))
+    for argv, flag in ((["--dataset", "dsprites", "--pool", "fresh", "--pool-size", "100000000"], "--pool-size"),
+                       (["--batch-size", "1000000000"], "--batch-size"),
+                       (["--eval-batch-size", "1000000000000"], "--eval-batch-size")):
+        with pytest.raises(SystemExit) as e:
+            myow.main(argv + ["--out", str(tmp_path / "run")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and f"{flag} {argv[-1]}" in err, err
+        assert "GiB" in err and "available" in err and not (tmp_path / "run").exists()
+
+
+def test_out_of_memory_during_a_run_is_one_line_naming_what_to_lower(monkeypatch, capsys, tmp_path):
+    step = myow.myow_step
+
+    def runs_out(cfg, data, nets, s, c, *a):
+        if int(s[0]) % 7 == 0:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+        return step(cfg, data, nets, s, c, *a)
+    monkeypatch.setattr(myow, "myow_step", runs_out)
+    with pytest.raises(SystemExit) as e:
+        myow.main(["--epochs", "30", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1 and "--batch-size 512" in err, err
+
+
+def test_a_download_without_network_is_one_line_and_leaves_nothing(monkeypatch, capsys, tmp_path):
+    """No network (urlopen fails, as on a cluster's compute node): one line that says how to get
+    the files, exit 1, and nothing in --data-dir that a later run would take for the data set."""
+    import urllib.error
+    import urllib.request
+
+    def no_network(*a, **k):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    with pytest.raises(SystemExit) as e:
+        myow.main(["--dataset", "fashion-mnist", "--download", "--data-dir", str(tmp_path), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "could not download" in err and "download=True" in err and str(tmp_path) in err
+    assert not os.listdir(tmp_path)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
@@ -665,7 +802,7 @@ def test_raw_method_reads_out_the_normalised_inputs(monkeypatch):
     monkeypatch.setattr(myow, "linear_eval", lambda feats, *a: seen.update(feats=feats) or evaluate(feats, *a))
     res = myow.run(myow.parse_config(["--method", "raw", "--eval-epochs", "5", "--device", "cpu"]))
     cfg = myow.parse_config([])
-    _, splits, _, _ = myow.load_neural(cfg, torch.device("cpu"))
+    _, splits, _, _ = nd.load_neural(cfg, torch.device("cpu"))
     for got, split in zip(seen["feats"], splits):
         assert torch.equal(got, split.inputs(torch.arange(len(split))))
     seen_by_training = torch.cat(seen["feats"][:2])                      # train + validation
@@ -681,7 +818,7 @@ def test_supervised_baseline_keeps_the_encoder_of_its_best_validation_epoch(monk
     depend on the number of epochs); with the best after epoch 3, it is the fully trained one."""
     cfg = lambda epochs: myow.parse_config(["--method", "supervised", "--epochs", str(epochs),
                                             "--warmup-epochs", "100", "--batch-size", "128"])
-    _, splits, _, _ = myow.load_neural(cfg(1), torch.device("cpu"))
+    _, splits, _, _ = nd.load_neural(cfg(1), torch.device("cpu"))
     score = myow.scores
 
     def trained(epochs, val_scores):
@@ -711,6 +848,8 @@ def test_supervised_baseline_and_embeddings(tmp_path):
     assert [int(r[1]) for r in rows] == rec.trial.tolist()          # recording order kept
     assert [int(r[3]) for r in rows] == rec.labels.tolist()
     assert [r[0] for r in rows[:3]] == ["train"] * 3 and rows[-1][0] == "test"
+    y = myow.load_encoder(tmp_path / "encoder.pt")(rec.rates)          # dropout off, as in the run
+    np.testing.assert_allclose(y.numpy(), emb, rtol=1e-4, atol=1e-4)
 
 
 # --- images (Appendix C) ----------------------------------------------------------------------
@@ -739,16 +878,16 @@ def test_image_views_differ_per_sample_and_stay_in_range():
     img = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
     data = image_split(img)
     cfg = myow.Config(**myow.IMAGES)
-    v = data.views(torch.zeros(64, dtype=torch.long), cfg)                  # one image, 64 views
+    v = myow.augment(data, torch.zeros(64, dtype=torch.long), cfg)                  # one image, 64 views
     assert v.shape == (64, 3, 32, 32) and v.min() >= 0 and v.max() <= 1
     flat = v.flatten(1)
     assert torch.cdist(flat, flat).add(torch.eye(64) * 1e9).min() > 0       # all 64 differ
     cfg.gray_p, cfg.color_p = 1.0, 0.0
-    g = data.views(torch.zeros(16, dtype=torch.long), cfg)
+    g = myow.augment(data, torch.zeros(16, dtype=torch.long), cfg)
     assert torch.allclose(g[:, 0], g[:, 1]) and torch.allclose(g[:, 1], g[:, 2])
     cfg.gray_p, cfg.color_p, cfg.crop_area = 0.0, 1.0, "1:1"
     flat_img = image_split(torch.full((1, 3, 32, 32), 128, dtype=torch.uint8))
-    means = flat_img.views(torch.zeros(200, dtype=torch.long), cfg).mean((1, 2, 3))
+    means = myow.augment(flat_img, torch.zeros(200, dtype=torch.long), cfg).mean((1, 2, 3))
     assert means.std() > 0.05                                               # brightness per sample
 
 
@@ -812,7 +951,7 @@ def test_every_online_parameter_gets_a_gradient(method):
     data = image_split(torch.randint(0, 256, (16, 1, 32, 32), dtype=torch.uint8))
     model, target = myow.build_networks(cfg, data)
     s = torch.arange(16)
-    x, x2, x_m = data.views(torch.cat([s, s]), cfg).split(16) + (data.views(s, cfg, t_m=True),)
+    x, x2, x_m = myow.augment(data, torch.cat([s, s]), cfg).split(16) + (myow.augment(data, s, cfg, t_m=True),)
     views = torch.cat([x, x2, x_m]) if method == "myow" else torch.cat([x, x2])
     y, p, r_v = model(views, 32, slice(32, 48) if method == "myow" else None)
     (p.sum() + (r_v.sum() if r_v is not None else 0)).backward()
@@ -874,6 +1013,12 @@ def test_image_embeddings_are_the_test_set_with_its_labels(tmp_path, monkeypatch
     assert emb.shape == (40, 9 * 128) and meta[0] == "split\tlabel"     # small CNN: 3 x 3 x 128
     assert [int(m.split("\t")[1]) for m in meta[1:]] == small[1].labels.tolist()
     assert res["knn_acc"] is not None and json.loads(open(tmp_path / "log.jsonl").readline())["knn_acc"] >= 0
+    f = myow.load_encoder(tmp_path / "encoder.pt")                      # uint8 images in, y out
+    np.testing.assert_allclose(f(small[1].x).numpy(), emb, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"\(n, 1, H, W\).*\(2, 3, 32, 32\)"):
+        f(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        f(small[1].x.float())
 
 
 def test_mined_views_picture_shows_each_anchor_next_to_its_nearest_candidate(tmp_path, monkeypatch):
