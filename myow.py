@@ -80,7 +80,8 @@ class Config:
     ckpt_every: int = arg(100, "write --out/checkpoint.pt every this many epochs, and at the end", INT1)
     # -- optimisation (Appendix D.1 "Training") --
     epochs: int = arg(1000, "training epochs (App. D: 1000)", INT1)
-    batch_size: int = arg(512, "B, anchors per step (App. D: 512)", "an integer >= 2 (BatchNorm needs two samples)")
+    batch_size: int = arg(512, "B, anchors per step (App. D: 512)",
+                          "an integer >= 2 (BatchNorm needs two samples)")
     optimizer: str = arg("adamw", "adamw (App. D, neural) or sgd (App. C, images)", ("adamw", "sgd"))
     lr: float = arg(0.02, "eta (App. D: AdamW 0.02 monkeys, 0.001 rodents; App. C: SGD 0.03)", POS)
     momentum: float = arg(0.9, "SGD momentum (App. C: 0.9)", BELOW1)
@@ -89,7 +90,8 @@ class Config:
     tau: float = arg(0.98, "tau, EMA momentum at step 0 (App. D: 0.98)", "in [0, 1]")
     tau_schedule: str = arg("cosine", "cosine: tau up to 1 (App. C, D); constant (authors' neural code)",
                             ("cosine", "constant"))
-    pretrain_on: str = arg("train+val", "what self-supervised training sees (labels unused)", ("train+val", "train"))
+    pretrain_on: str = arg("train+val", "what self-supervised training sees (labels unused)",
+                           ("train+val", "train"))
     # -- mining (section 2.2, Appendix B) --
     pool_size: int = arg(1024, "L with --pool fresh: candidates drawn per step (App. D: 1024)", INT1)
     k: int = arg(5, "k, mined view drawn uniformly from the k nearest candidates (App. D: 5)", INT1)
@@ -97,7 +99,7 @@ class Config:
     mining_ramp_epochs: int = arg(10, "lambda ramps linearly from 0 over this many epochs (App. D: 10)", INT0)
     pool: str = arg("batch", "batch: L = B, the batch's views x' (sec. 2.2); fresh: L new samples (App. B)",
                     ("batch", "fresh"))
-    anchor_view: str = arg("shared", "shared: x is the anchor (T_m = T, App. D.1); new: x_m = t_m(s) (Alg. 1)",
+    anchor_view: str = arg("shared", "shared: x is the anchor (T_m = T, App. D.1); new: x_m = t_m(s), Alg. 1",
                            ("shared", "new"))
     mine_in: str = arg("target", "candidates' representations from the target or online network (App. F)",
                        ("target", "online"))
@@ -107,7 +109,8 @@ class Config:
     # -- network (Appendix D.1 "Network Architecture", Appendix C "Architecture") --
     arch: str = arg("mlp", "encoder f: mlp (App. D.1), resnet18 / resnet50 (App. C), convnet (small, CPU)",
                     ("mlp", "convnet", "resnet18", "resnet50"))
-    hidden: int = arg(64, "mlp: width of its 4 blocks (App. D: 64); convnet: first block's (then x2, x4, x8)", INT1)
+    hidden: int = arg(64, "mlp: width of its 4 blocks (App. D: 64); convnet: of its first (then x2, x4, x8)",
+                      INT1)
     rep_dim: int = arg(32, "mlp: size of y = f(x) (App. D.1: 32 monkeys; D.2: 64 rodents)", INT1)
     proj_hidden: int = arg(0, "hidden width of g and h, MLP(., 4096, 256) (App. C); 0: none (App. D.1)", INT0)
     proj_dim: int = arg(256, "output size of g and h (App. C: 256)", INT1)
@@ -142,7 +145,8 @@ class Config:
     eval_wd_exponents: str = arg("-10:10", "readout weight decays 2^a..2^b, chosen on validation (App. D); "
                                  "empty: none (App. C)", "'a:b' with integers a <= b, or empty")
     # -- supervised baseline (sec. 3.3: "weight regularization and dropout"; values not given) --
-    sup_dropout: float = arg(0.5, "dropout after each encoder block of the supervised baseline (README)", BELOW1)
+    sup_dropout: float = arg(0.5, "dropout after each block of the supervised baseline's encoder (README)",
+                             BELOW1)
     # -- run --
     device: str = arg("auto", "auto (cuda if available), cpu or cuda", ("auto", "cpu", "cuda"))
     compile: bool = arg(False, "torch.compile the online and target networks", FREE)
@@ -150,9 +154,10 @@ class Config:
                          ("auto", "bf16", "fp32"))
     log_every: int = arg(0, "print progress every this many epochs (0: about 20 lines a run)", INT0)
     eval_every: int = arg(0, "log a k-NN monitor's test accuracy every this many epochs; 0: off", INT0)
-    save_embeddings: bool = arg(False, "write --out/embeddings.tsv + metadata.tsv (TensorBoard projector)", FREE)
-    save_mined_views: bool = arg(False, "images: write --out/mined_views.png, anchors and their k nearest (Fig. 2)",
-                                 FREE)
+    save_embeddings: bool = arg(False, "write --out/embeddings.tsv, metadata.tsv (TensorBoard projector)",
+                                FREE)
+    save_mined_views: bool = arg(False, "images: write --out/mined_views.png, anchors and their k nearest "
+                                 "(Fig. 2)", FREE)
 
 # Per-dataset defaults in one table; a flag given on the command line always wins.
 MONKEY = {}                                     # Appendix D.1 = Config defaults (README "Choices")
@@ -535,8 +540,8 @@ def train(cfg, data, device, log, rank=0, world=1, state=None, monitor=None):
                 update_target(xi, theta, tau)                                  # eq. (2)
                 stats += out.detach()
                 step += 1
-            last = end_of_epoch(cfg, epoch, stats, dict(lr=lr, tau=tau, lam=lam), (model, target, opt, index_gen),
-                                signalled, book)
+            schedules, saved = dict(lr=lr, tau=tau, lam=lam), (model, target, opt, index_gen)
+            last = end_of_epoch(cfg, epoch, stats, schedules, saved, signalled, book)
     if cfg.save_mined_views and rank == 0:
         save_mined_views(os.path.join(cfg.out, "mined_views.png"), model.net.f, target.f, data, cfg)
     return model, last
@@ -756,7 +761,8 @@ def download(cls, root):
         reason = " ".join(str(e).split())[:160]                      # one line
         raise neural_data.DataError(
             f"could not download {cls.__name__} ({type(e).__name__}: {reason}); where there is internet, run "
-            f"torchvision.datasets.{cls.__name__}(DIR, download=True) and copy DIR's contents to {root}") from None
+            f"torchvision.datasets.{cls.__name__}(DIR, download=True) and copy DIR's contents to {root}"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -901,13 +907,22 @@ def is_exponents(v):                                    # 'a:b', or empty
 
 # What each rule in words (the `check` of a Config field) accepts; a rule that raises refuses too.
 RULES = {
-    INT1: lambda v: v >= 1, INT0: lambda v: v >= 0, "an integer >= 2 (BatchNorm needs two samples)": lambda v: v >= 2,
+    INT1: lambda v: v >= 1,
+    INT0: lambda v: v >= 0,
+    "an integer >= 2 (BatchNorm needs two samples)": lambda v: v >= 2,
     "an integer >= 8 (the small CNN pools three times)": lambda v: v >= 8,
-    "an integer in [0, 2^63)": lambda v: 0 <= v < 2 ** 63, "a data set named in --help": lambda v: v in PRESETS,
-    POS: lambda v: 0 < v < math.inf, NONNEG: lambda v: 0 <= v < math.inf, "seconds >= 0, or inf": lambda v: v >= 0,
-    PROB: lambda v: 0 <= v <= 1, "in [0, 1]": lambda v: 0 <= v <= 1, BELOW1: lambda v: 0 <= v < 1,
-    "in (0, 1)": lambda v: 0 < v < 1, AREA: is_area, "four numbers 'b,c,s,h', each >= 0, hue h <= 0.5": is_jitter,
-    "epochs 'm1,m2,...' (integers >= 1), or empty": lambda v: all(int(m) >= 1 for m in v.split(",")) if v else True,
+    "an integer in [0, 2^63)": lambda v: 0 <= v < 2 ** 63,
+    "a data set named in --help": lambda v: v in PRESETS,
+    POS: lambda v: 0 < v < math.inf,
+    NONNEG: lambda v: 0 <= v < math.inf,
+    "seconds >= 0, or inf": lambda v: v >= 0,
+    PROB: lambda v: 0 <= v <= 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+    BELOW1: lambda v: 0 <= v < 1,
+    "in (0, 1)": lambda v: 0 < v < 1,
+    AREA: is_area,
+    "four numbers 'b,c,s,h', each >= 0, hue h <= 0.5": is_jitter,
+    "epochs 'm1,m2,...' (integers >= 1), or empty": lambda v: not v or min(int(m) for m in v.split(",")) >= 1,
     "'a:b' with integers a <= b, or empty": is_exponents,
 }
 
@@ -925,7 +940,10 @@ def check_fields(cfg):
         if check is FREE:
             continue
         try:
-            ok, allowed = (v in check, " or ".join(check)) if isinstance(check, tuple) else (RULES[check](v), check)
+            if isinstance(check, tuple):
+                ok, allowed = v in check, " or ".join(check)
+            else:
+                ok, allowed = RULES[check](v), check
         except (ValueError, TypeError):                            # a string of the wrong format
             ok, allowed = False, check
         if not ok:
@@ -972,27 +990,29 @@ def available_memory(device):
             return None
 
 def check_memory(cfg, device, world):
-    """Settings that cannot fit are refused before any data is built. Lower bounds, in float32 bytes
-    per process, of what the setting alone must hold at once: the views of a step and the first
-    layers' activations kept for backward (--batch-size), the fresh candidates' views and the
-    (B, L) similarities (--pool-size), a readout batch's features and outputs (--eval-batch-size)."""
+    """Settings that cannot fit are refused before any data is built. Lower bounds, in bytes per
+    process, of what one setting alone must hold at once in float32: a step's views and the first
+    layers' activations kept for backward (--batch-size), the fresh candidates' views and their
+    (B, L) similarities (--pool-size), a readout batch's features (--eval-batch-size)."""
     free = available_memory(device)
     if free is None:
         return
-    size = cfg.image_size
-    per_view = 0 if cfg.arch == "mlp" else (1 if cfg.dataset in ("mnist", "fashion-mnist", "dsprites") else 3) * size ** 2
-    kept = {"mlp": 8 * cfg.hidden, "convnet": 2 * cfg.hidden * size ** 2}.get(cfg.arch, 2 * 64 * size ** 2)
+    channels = 1 if cfg.dataset in ("mnist", "fashion-mnist", "dsprites") else 3
+    view = 0 if cfg.arch == "mlp" else channels * cfg.image_size ** 2        # neural: not known yet
+    first = 64 if cfg.arch.startswith("resnet") else cfg.hidden               # first layer's width
+    kept = 8 * cfg.hidden if cfg.arch == "mlp" else 2 * first * cfg.image_size ** 2
     D = {"mlp": cfg.rep_dim, "convnet": 72 * cfg.hidden, "resnet18": 512}.get(cfg.arch, 2048)
     B, L = cfg.batch_size / world, pool_size(cfg) / world
-    sweep = len(range(*(int(v) + i for i, v in enumerate(cfg.eval_wd_exponents.split(":"))))) if cfg.eval_wd_exponents else 1
-    need = {"batch_size": 4 * 3 * B * (per_view + kept),
-            "pool_size": 4 * (L * per_view + B * pool_size(cfg)) * (cfg.method == "myow" and cfg.pool == "fresh"),
-            "eval_batch_size": 4 * cfg.eval_batch_size * (D + 2 * sweep)}
+    fresh = cfg.method == "myow" and cfg.pool == "fresh"
+    need = {"batch_size": 4 * 3 * B * (view + kept),
+            "pool_size": 4 * (L * view + B * pool_size(cfg)) if fresh else 0,
+            "eval_batch_size": 4 * cfg.eval_batch_size * D}
     if sum(need.values()) > free:
-        flag = max(need, key=need.get)
-        raise ConfigError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: needs at least "
-                          f"{need[flag] / 2 ** 30:.1f} GiB at once, and {device} has {free / 2 ** 30:.1f} GiB "
-                          f"available; lower --{flag.replace('_', '-')}")
+        field = max(need, key=need.get)
+        flag = "--" + field.replace("_", "-")
+        raise ConfigError(f"{flag} {getattr(cfg, field)}: needs at least {need[field] / 2 ** 30:.1f} GiB at "
+                          f"once, and {device} has {free / 2 ** 30:.1f} GiB available; lower {flag}")
+
 
 def check_config(cfg, data, world):
     """What depends on the loaded data and the number of processes (before --out is touched)."""
@@ -1091,7 +1111,8 @@ def end_of_epoch(cfg, epoch, stats, sched, saved, signalled, book):
             eta=(now - t0) / done * (cfg.epochs - epoch - 1))
     if cfg.out and (stop or (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs):
         state = {"model": model.state_dict(), "target": target.state_dict(), "opt": opt.state_dict(),
-                 "epoch": epoch + 1, "last": last, "rng": rng_states(index_gen), "config": dataclasses.asdict(cfg)}
+                 "epoch": epoch + 1, "last": last, "rng": rng_states(index_gen),
+                 "config": dataclasses.asdict(cfg)}
         if rank == 0:
             save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), state)
     if stop:
@@ -1198,17 +1219,19 @@ def load_encoder(path, device="cpu"):
     f.to(device).eval()
     mean, std = inputs["mean"], inputs["std"]
     neural = "keep" in inputs
-    want = f"firing rates (T, {len(inputs['keep'])})" if neural else f"uint8 images (n, {inputs['c_in']}, H, W)"
+    n_in = len(inputs["keep"]) if neural else inputs["c_in"]
+    want = f"firing rates (T, {n_in})" if neural else f"uint8 images (n, {n_in}, H, W)"
 
     @torch.no_grad()
     def embed(x):
         x = torch.as_tensor(x, device=device)
-        if neural and x.ndim == 2 and x.shape[1] == len(inputs["keep"]) and x.is_floating_point():
+        if neural and x.ndim == 2 and x.shape[1] == n_in and x.is_floating_point():
             x = (x.float()[:, inputs["keep"]] - mean) / std
-        elif not neural and x.ndim == 4 and x.shape[1] == inputs["c_in"] and x.dtype == torch.uint8:
+        elif not neural and x.ndim == 4 and x.shape[1] == n_in and x.dtype == torch.uint8:
             x = image_inputs(x, mean, std, inputs["size"])
         else:
-            raise ValueError(f"this encoder takes {want}, as in training; got {x.dtype} of shape {tuple(x.shape)}")
+            raise ValueError(f"this encoder takes {want}, as in training; got {x.dtype} of shape "
+                             f"{tuple(x.shape)}")
         return torch.cat([f(c).float() for c in x.split(1024)])
     return embed
 
@@ -1262,7 +1285,8 @@ def prepare_out(cfg, rank):
                 except (ValueError, KeyError, TypeError):
                     pass
             write_atomic(log, "".join(keep).encode())
-        write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1).encode())
+        config = json.dumps(dataclasses.asdict(cfg), indent=1)
+        write_atomic(os.path.join(cfg.out, "config.json"), config.encode())
     return state
 
 def tsv(feats):                                      # (n, D) -> the projector's embeddings.tsv
@@ -1278,7 +1302,8 @@ def run(cfg):
         rec, splits, split_idx, pretrain = neural_data.load_neural(cfg, device)
         about = f"{len(rec.rates)} bins x {splits[0].x.shape[1]} neurons"
         if pretrain.min_gap_s != cfg.min_gap_s:
-            about += f", one continuous recording: mined views >= {pretrain.min_gap_s:g} s away (--min-gap-s)"
+            gap = pretrain.min_gap_s               # one continuous recording: 1/24 of it (neural_data)
+            about += f", one continuous recording: mined views >= {gap:.4g} s away (--min-gap-s)"
     else:
         rec, splits = None, load_images(cfg, device)
         splits.insert(1, None)                                   # public train/test split, no validation
