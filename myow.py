@@ -1145,8 +1145,12 @@ def write_atomic(path, data):
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise RunError(f"could not write {path}: {e.strerror or e}; the files already there are kept "
-                       f"(free space or fix the folder, then continue with --resume)") from None
+        raise cannot_write(path, e) from None
+
+
+def cannot_write(path, e):
+    return RunError(f"could not write {path}: {e.strerror or e}; the files already there are kept "
+                    f"(free space or fix the folder, then continue with --resume)")
 
 def save_checkpoint(path, state):
     buffer = io.BytesIO()            # serialised first: a failing disk then fails in write_atomic
@@ -1195,10 +1199,8 @@ def save_encoder(path, f, cfg, data):
         inputs["keep"] = torch.as_tensor(data.keep)             # (N,) of the recording's neurons
     else:
         inputs["size"] = data.size
-    buffer = io.BytesIO()
-    torch.save({"format": "myow encoder 1", "config": dataclasses.asdict(cfg), "inputs": inputs,
-                "encoder": {k: v.cpu() for k, v in f.state_dict().items()}}, buffer)
-    write_atomic(path, buffer.getbuffer())
+    save_checkpoint(path, {"format": "myow encoder 1", "config": dataclasses.asdict(cfg), "inputs": inputs,
+                           "encoder": {k: v.cpu() for k, v in f.state_dict().items()}})
 
 def load_encoder(path, device="cpu"):
     """The encoder of a finished run as a function from raw inputs to y = f(x), (n, D): firing rates
@@ -1244,9 +1246,8 @@ def make_logger(cfg):
             try:
                 with open(path, "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
-            except OSError as e:
-                raise RunError(f"could not write {path}: {e.strerror or e}; the checkpoint is kept "
-                               f"(free space or fix the folder, then continue with --resume)") from None
+            except OSError as e:                   # appended, not rewritten: a torn line is skipped
+                raise cannot_write(path, e) from None   # on --resume (prepare_out)
         if print_line:
             mined = f" mined {rec['loss_mined']:.3f}" if rec["loss_mined"] is not None else ""
             if rec["mining_class_acc"] is not None:       # mined views sharing the anchor's label
