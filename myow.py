@@ -1377,10 +1377,13 @@ def main(argv=None):
     except (neural_data.DataError, RunError, FloatingPointError) as e:   # failed during the run
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except Stopped as e:                        # SIGINT or SIGTERM: 128 + its number, as a shell reports
-        kept = os.path.exists(os.path.join(cfg.out, "checkpoint.pt")) if cfg.out else False
-        print(f"stopped: {e}" + (f"; continue with: {resume_command(argv)}" if kept else ""), file=sys.stderr)
-        sys.exit(128 + e.signum)
+    except (Stopped, KeyboardInterrupt) as e:   # a signal: 128 + its number, as a shell reports
+        signum = getattr(e, "signum", signal.SIGINT)       # Ctrl-C outside training: KeyboardInterrupt
+        kept = bool(cfg and cfg.out and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")))
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"stopped: {e or 'SIGINT'}" + (f"; continue with: {resume_command(argv)}" if kept else ""),
+                  file=sys.stderr)
+        sys.exit(128 + signum)
     except RuntimeError as e:                   # out of memory: CUDA's own error, the CPU allocator's
         if not isinstance(e, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
