@@ -8,6 +8,7 @@ handled by the same code: a continuous recording is one long trial.
 Published files (Azabou et al. 2021, data of nerdslab/myow-neuro) are downloaded on demand into
 `data_dir` and checked against their SHA-256. The reach pickles were written with torch_geometric;
 they are read with a restricted unpickler that admits only the handful of names they use.
+`load_neural` turns a recording into the split tensors training reads (`NeuralSplit`).
 """
 import hashlib
 import io
