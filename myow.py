@@ -1103,12 +1103,11 @@ def end_of_epoch(cfg, epoch, stats, sched, saved, signalled, book):
         last["mining_class_acc"] = 100 * stats[3].item() / max(1, stats[4].item())
     if book["monitor"] and rank == 0 and (epoch + 1) % cfg.eval_every == 0:
         last["knn_acc"] = book["monitor"](model.net.f)
-    done, t0 = epoch + 1 - book["start"], book["t0"]
-    now = time.time()
     if rank == 0:
-        book["log"](last, print_line=(epoch + 1) % (cfg.log_every or max(1, cfg.epochs // 20)) == 0
-            or epoch + 1 == cfg.epochs, rate=done * steps_per_epoch * cfg.batch_size / (now - t0),
-            eta=(now - t0) / done * (cfg.epochs - epoch - 1))
+        shown = (epoch + 1) % (cfg.log_every or max(1, cfg.epochs // 20)) == 0 or epoch + 1 == cfg.epochs
+        done, elapsed = epoch + 1 - book["start"], time.time() - book["t0"]
+        book["log"](last, print_line=shown, rate=done * steps_per_epoch * cfg.batch_size / elapsed,
+                    eta=elapsed / done * (cfg.epochs - epoch - 1))
     if cfg.out and (stop or (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs):
         state = {"model": model.state_dict(), "target": target.state_dict(), "opt": opt.state_dict(),
                  "epoch": epoch + 1, "last": last, "rng": rng_states(index_gen),
