@@ -721,12 +721,7 @@ def load_images(cfg, device):
         if not first:
             dist.barrier()              # under torchrun rank 0 downloads and extracts alone, then all read
         try:
-            if cfg.download and first:
-                download(cls, root)
-            sets = [cls(root, train=part) for part in (True, False)]
-        except RuntimeError as e:
-            raise neural_data.DataError(f"{name} is not in {root} ({e}); add --download (needs internet) "
-                                        f"or place torchvision's standard layout there") from None
+            sets = torchvision_sets(cls, root, cfg.download and first)
         finally:
             if first and dist.is_initialized():
                 dist.barrier()
@@ -740,14 +735,17 @@ def load_images(cfg, device):
     return [ImageSplit(x.contiguous().to(device), y.long().to(device), mean.to(device)[:, None, None],
                        std.to(device)[:, None, None], cfg.image_size, coarse) for x, y in parts]
 
-def download(cls, root):
-    """torchvision's download into a temporary folder in `root`, moved into place only when both
-    parts are complete: a failed download (no network, a truncated archive, a full disk) leaves
-    nothing behind that a later run would take for the data set."""
+def torchvision_sets(cls, root, download):
+    """The train and test sets of a torchvision data set in `root`. Missing, with `download`: fetched
+    into a temporary folder in `root` and moved into place only when both parts are complete, so a
+    failed download (no network, a truncated archive, a full disk) leaves nothing behind that a
+    later run would take for the data set."""
     try:
-        return [cls(root, train=part) for part in (True, False)]               # already there
-    except RuntimeError:
-        pass
+        return [cls(root, train=part) for part in (True, False)]
+    except RuntimeError as e:
+        if not download:
+            raise neural_data.DataError(f"{cls.__name__} is not in {root} ({e}); add --download (needs "
+                                        f"internet) or place torchvision's standard layout there") from None
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".download-", dir=root)
     try:
@@ -765,6 +763,7 @@ def download(cls, root):
         ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return [cls(root, train=part) for part in (True, False)]
 
 def load_tiny_imagenet(base):
     """The standard tiny-imagenet-200 layout: train/<wnid>/images/*.JPEG, val/images + val_annotations.txt."""
@@ -1342,13 +1341,13 @@ def run(cfg):
     if cfg.out:
         if cfg.method != "raw":                                    # raw has no encoder to keep
             save_encoder(os.path.join(cfg.out, "encoder.pt"), f, cfg, pretrain)
-        if cfg.save_embeddings and rec is not None:   # the ring of reach directions of Fig. 3C, say
-            meta = neural_data.projector_metadata(rec, split_idx)
-            embeddings = torch.cat(feats[:3])
-        elif cfg.save_embeddings:                      # images: the test set, one label a row
-            meta = "split\tlabel\n" + "".join(f"test\t{l}\n" for l in labels[2].tolist())
-            embeddings = feats[2]
         if cfg.save_embeddings:
+            if rec is not None:                        # the ring of reach directions of Fig. 3C, say
+                meta = neural_data.projector_metadata(rec, split_idx)
+                embeddings = torch.cat(feats[:3])
+            else:                                      # images: the test set, one label a row
+                meta = "split\tlabel\n" + "".join(f"test\t{l}\n" for l in labels[2].tolist())
+                embeddings = feats[2]
             write_atomic(os.path.join(cfg.out, "embeddings.tsv"), tsv(embeddings.cpu().numpy()))
             write_atomic(os.path.join(cfg.out, "metadata.tsv"), meta.encode())
         write_atomic(os.path.join(cfg.out, "results.json"), json.dumps(result, indent=1).encode())
