@@ -187,12 +187,11 @@ def augment(data, idx, cfg, t_m=False):
     return augment_images(data, idx, cfg, t_m)
 
 def augment_neural(data, idx, cfg):
-    """Every random choice drawn per sample (Appendix D.1, J):
-    temporal jitter -> randomized dropout -> Gaussian noise -> pepper -> normalization."""
+    """Every random choice drawn per sample (Appendix D.1, J): randomized dropout -> Gaussian noise
+    -> pepper -> normalization. Temporal jitter chooses which samples idx are (`nearby`)."""
     n, n_units = len(idx), data.x.shape[1]
     dev = data.x.device
-    j = data.jitter_lo[idx] + (torch.rand(n, device=dev) * data.jitter_n[idx]).long()
-    x = data.x[j]                                                           # (n, n_units) Hz
+    x = data.x[idx]                                                         # (n, n_units) Hz
     p_drop = torch.rand(n, 1, device=dev) * cfg.dropout_max                      # rate per sample
     x.mul_(torch.rand(n, n_units, device=dev).ge_(p_drop))     # in-place 0/1: no bool tensor
     noisy = torch.nonzero(torch.rand(n, device=dev) < cfg.noise_p)[:, 0]         # rows with noise
@@ -473,7 +472,9 @@ def myow_step(cfg, data, nets, s_all, c_all, lam, rank, world):
     mining = cfg.method == "myow"
     fresh = mining and cfg.pool == "fresh"          # else the candidates are the batch's views x'
     new_anchor = mining and cfg.anchor_view == "new"   # else x is the anchor x_m (T_m = T)
-    x, x2 = views(torch.cat([s, s]), cfg).split(b)                 # x = t(s), x' = t'(s); t, t' ~ T
+    # x = t(s), x' = t'(s'), t, t' ~ T; neural: x is the anchor's own bin and s' one of the same trial
+    # at most --jitter-s away (temporal jitter, App. D.1); images: s' = s
+    x, x2 = views(torch.cat([s, data.nearby(s)]), cfg).split(b)
     # T_m views in one call: x_m = t_m(s) (Alg. 1) and x_c = t_m(c) (fresh candidates, App. B)
     wanted = [s] * new_anchor + [c] * fresh
     x_m, x_c = (views(torch.cat(wanted), cfg, t_m=True).split([b * new_anchor, l * fresh]) if wanted
@@ -659,6 +660,9 @@ class ImageSplit:
     def inputs(self, idx):                                     # unaugmented, for evaluation
         return image_inputs(self.x[idx], self.mean, self.std, self.size)
 
+    def nearby(self, idx):                                     # an image's views are of itself
+        return idx
+
     def allowed(self, s, c):                                   # images need no mask (App. B), but a
         return (s[:, None] != c[None, :]).float()              # sample is not its own mined view
 
@@ -805,7 +809,8 @@ def train_supervised(cfg, splits, device):
             step = epoch * steps_per_epoch + it
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
-            loss = decoding_loss(model(augment(data, s, cfg, t_m=True)), data.labels[s], task)
+            x = augment(data, data.nearby(s), cfg, t_m=True)      # labelled views, jitter included
+            loss = decoding_loss(model(x), data.labels[s], task)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -68,30 +68,41 @@ def temporal_split(trial, fractions=(0.7, 0.1, 0.2)):
     return tuple(np.flatnonzero(np.isin(groups, p)) for p in parts)
 
 
+TICK = 1e-6     # seconds: times, windows and gaps are compared in whole microseconds, since in
+                # floats 0.3 - 0.2 < 0.1 and a bin exactly 200 ms away would fall out of the window
+
+
+def ticks(seconds):
+    """Seconds as int64 microseconds (np.inf stays out: callers handle an infinite gap)."""
+    return np.round(np.asarray(seconds, np.float64) / TICK).astype(np.int64)
+
+
 def trial_axis(trial, time, gap):
-    """Each sample's position (s) on one time axis on which consecutive trials lie more than `gap`
-    seconds apart, so "same trial and less than gap apart" becomes |a - b| < gap. gap = inf: the
-    trial's rank, so "same trial" becomes |a - b| < 1. Samples in recording order, trials contiguous."""
+    """Each sample's position (int64 microseconds) on one axis on which consecutive trials lie more
+    than `gap` seconds apart, so "same trial and less than gap apart" becomes |a - b| < gap. gap =
+    inf: the trial's rank, so "same trial" becomes |a - b| < 1. Samples in recording order, trials
+    contiguous."""
     rank = np.r_[0, np.cumsum(np.diff(trial) != 0)]              # trial's position in the recording
     if np.isinf(gap):
-        return rank.astype(float)
-    return rank * (float(time.max() - time.min()) + gap + 1.0) + (time - time.min())
+        return rank
+    t = ticks(time)
+    t -= t.min()
+    return rank * (t.max() + ticks(gap) + 1) + t
 
 
 def jitter_bounds(trial, time, window):
     """For each sample, the index range [lo, hi] of samples in the same trial at most `window`
     seconds away (temporal jitter, Appendix D/J). Samples in recording order, trials contiguous."""
-    key = trial_axis(trial, time, window)                        # increasing
-    lo = np.searchsorted(key, key - window, side="left")
-    hi = np.searchsorted(key, key + window, side="right") - 1
+    key, w = trial_axis(trial, time, window), ticks(window)      # increasing, integers
+    lo = np.searchsorted(key, key - w, side="left")
+    hi = np.searchsorted(key, key + w, side="right") - 1
     return lo, hi
 
 
 def mining_mask(axis_a, axis_c, min_gap):
-    """(B, L) 1.0 where candidate c may be mined for anchor a, else 0.0 (Appendix B): another
-    trial, or the same trial at least `min_gap` seconds away; axis from `trial_axis`. One
-    comparison of floats, written in place: a boolean (B, L) tensor costs several times more on CPU."""
-    return (axis_a[:, None] - axis_c[None, :]).abs_().ge_(1.0 if math.isinf(min_gap) else min_gap)
+    """(B, L) True where candidate c may be mined for anchor a (Appendix B): another trial, or the
+    same trial at least `min_gap` seconds away; axis from `trial_axis`, compared as integers."""
+    return (axis_a[:, None] - axis_c[None, :]).abs_() >= (1 if math.isinf(min_gap) else int(ticks(min_gap)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,9 +329,8 @@ class NeuralSplit:
         self.task, self.min_gap_s = rec.task, min_gap_s
         lo, hi = jitter_bounds(rec.trial[idx], rec.time[idx], jitter_s)
         self.axis = torch.as_tensor(trial_axis(rec.trial[idx], rec.time[idx], min_gap_s),
-                                    dtype=torch.float32, device=device)  # (N,) for the mask; float32
-        # decides |a - c| >= gap exactly on the published recordings (checked against the definition)
-        self.jitter_lo = torch.as_tensor(lo, device=device)
+                                    device=device)         # (N,) int64, for the mask (microseconds)
+        self.jitter_lo = torch.as_tensor(lo, device=device)                  # first sample in window
         self.jitter_n = torch.as_tensor(hi - lo + 1, device=device)          # samples in window
 
     def __len__(self):
@@ -328,6 +338,12 @@ class NeuralSplit:
 
     def inputs(self, idx):                                     # unaugmented, for evaluation
         return (self.x[idx] - self.mean) / self.std
+
+    def nearby(self, idx):
+        """Temporal jitter (App. D.1, J): for each sample, a sample of the same trial at most
+        jitter_s away, before or after, uniformly (the sample itself included)."""
+        u = torch.rand(len(idx), device=self.x.device)
+        return self.jitter_lo[idx] + (u * self.jitter_n[idx]).long()
 
     def allowed(self, s, c):                                   # (B, L) mining mask (App. B)
         return mining_mask(self.axis[s], self.axis[c], self.min_gap_s)

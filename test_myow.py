@@ -95,10 +95,48 @@ def test_mining_mask_is_another_trial_or_far_enough_in_time():
     trial = np.repeat(np.arange(7), 40)
     t = np.tile(np.arange(40) * 100.0, 7)                           # 0 .. 3900 s in every trial
     for gap in (math.inf, 1800.0, 250.0):                           # reach (App. D.1), sleep (D.2)
-        axis = torch.as_tensor(nd.trial_axis(trial, t, gap), dtype=torch.float32)
-        m = nd.mining_mask(axis, axis, gap)
+        m = nd.mining_mask(torch.as_tensor(nd.trial_axis(trial, t, gap)),
+                           torch.as_tensor(nd.trial_axis(trial, t, gap)), gap)
         truth = (trial[:, None] != trial[None]) | (np.abs(t[:, None] - t[None]) >= gap)
-        assert set(m.unique().tolist()) == {0.0, 1.0} and np.array_equal(m.numpy() == 1, truth)
+        assert m.dtype == torch.bool and np.array_equal(m.numpy(), truth)
+
+
+def recordings_on_a_grid():
+    """(name, trial, time in s, integer milliseconds of each bin, window s, gap s): the published
+    recordings as loaded, and a continuous recording of 10 ms bins whose float times are not exact."""
+    out = []
+    if os.path.exists(os.path.join(SHARED, nd.REACH["chewie1"])):
+        rec = nd.load_recording("chewie1", SHARED, download=False)
+        out += [("chewie1", rec.trial, rec.time, 0.2, math.inf), ("chewie1", rec.trial, rec.time, 0.2, 0.3)]
+    if os.path.exists(os.path.join(SHARED, "fr_bins_n_4full.npy")):
+        rec = nd.load_recording("mouse", SHARED, download=False)
+        out += [("mouse", rec.trial, rec.time, 12.0, 1800.0)]
+    rec = nd.synthetic_reach()
+    out += [("synthetic", rec.trial, rec.time, 0.2, math.inf)]
+    T = 6000                                                        # 60 s of 10 ms bins
+    out += [("10 ms", np.zeros(T, np.int64), np.arange(T) * 0.01, 0.2, 0.3)]
+    return [(name, trial, time, np.rint(time * 1000).astype(np.int64), w, g) for name, trial, time, w, g in out]
+
+
+@pytest.mark.parametrize("case", recordings_on_a_grid(), ids=lambda c: f"{c[0]}-gap{c[5]}")
+def test_jitter_window_and_mask_match_the_definition_sample_by_sample(case):
+    """App. D: x' is a sample of the same trial within 200 ms (12 s for sleep); a mined view is of
+    another trial, or of the same trial at least the gap away (30 min for sleep). Read on integer
+    milliseconds, sample by sample: every window and every mask entry. (On 100 ms bins in floats
+    0.3 - 0.2 != 0.1: 253 Chewie-1 windows were too narrow before the comparison was made on integers.)"""
+    name, trial, time, ms, window, gap = case
+    assert np.abs(ms / 1000 - time).max() < 1e-9                    # the bins lie on a millisecond grid
+    lo, hi = nd.jitter_bounds(trial, time, window)
+    w_ms = round(window * 1000)
+    for a in range(len(trial)):
+        members = np.flatnonzero((trial == trial[a]) & (np.abs(ms - ms[a]) <= w_ms))
+        assert (lo[a], hi[a]) == (members[0], members[-1]) and len(members) == hi[a] - lo[a] + 1, (name, a)
+    axis = torch.as_tensor(nd.trial_axis(trial, time, gap))
+    for rows in np.array_split(np.arange(len(trial)), max(1, len(trial) // 1000)):
+        truth = trial[rows, None] != trial[None]
+        if not math.isinf(gap):
+            truth |= np.abs(ms[rows, None] - ms[None]) >= round(gap * 1000)
+        assert np.array_equal(nd.mining_mask(axis[rows], axis, gap).numpy(), truth), name
 
 
 # --- augmentations (Appendix D.1, J) ----------------------------------------------------------
@@ -131,18 +169,33 @@ def test_augmentation_randomness_is_per_sample():
     assert set(x.unique().tolist()) == {0.0, 1.5} and abs((x[hit] > 0).float().mean() - 0.3) < 0.01
 
 
-def test_temporal_jitter_stays_in_trial_and_window():
-    trial = np.repeat(np.arange(6), 8)
-    t = np.tile(np.arange(8) * 0.1, 6)
-    rec = nd.Recording("toy", np.arange(48, dtype=np.float32)[:, None].repeat(3, 1), trial, t,
-                       None, "none", 0.1)
-    cfg = myow.Config(dropout_max=0.0, noise_p=0.0, pepper_p=0.0, jitter_s=0.2)
-    data = make_split(cfg, rec)
-    idx = torch.arange(48).repeat(200)
-    j = myow.augment_neural(data, idx, cfg)[:, 0].long()            # value = index of the sample
-    assert (torch.as_tensor(trial)[j] == torch.as_tensor(trial)[idx]).all()
-    assert ((torch.as_tensor(t)[j] - torch.as_tensor(t)[idx]).abs() <= 0.2 + 1e-6).all()
-    assert len(set((j - idx).tolist())) == 5                        # -2..2 bins all occur
+def test_positive_pair_is_the_anchor_and_a_bin_at_most_the_window_away():
+    """App. D.1: x is the anchor's own bin, x' one of the same trial at most 200 ms away, before or
+    after, uniformly: the largest |t(x) - t(x')| is 200 ms, never more, in both directions."""
+    rec = nd.synthetic_reach()
+    cfg = myow.Config(dropout_max=0.0, noise_p=0.0, pepper_p=0.0)   # the views are the bins themselves
+    data = make_split(cfg, nd.Recording("toy", np.arange(len(rec.rates), dtype=np.float32)[:, None].repeat(3, 1),
+                                        rec.trial, rec.time, rec.labels, "reach", 0.1))
+    nets = myow.setup_training(cfg, data, torch.device("cpu"))[3]
+    seen = []
+    nets = nets[:4] + (lambda idx, cfg, t_m=False: seen.append(idx) or myow.augment(data, idx, cfg, t_m),) + nets[5:]
+    torch.manual_seed(0)
+    s = torch.arange(len(data))
+    for _ in range(100):
+        myow.myow_step(cfg, data, nets, s[:512], s[:512], 1.0, 0, 1)
+    x, x2 = torch.stack([v[:512] for v in seen]), torch.stack([v[512:] for v in seen])    # (100, 512)
+    assert torch.equal(x, s[:512].expand_as(x))                         # x: the anchor itself
+    trial, ms = torch.as_tensor(rec.trial), torch.as_tensor(np.rint(rec.time * 1000).astype(np.int64))
+    assert torch.equal(trial[x2], trial[x])                             # x': the same trial
+    offset = ms[x2] - ms[x]
+    assert offset.abs().max() == 200 and offset.min() == -200         # before and after, at most 200 ms
+    lo, hi = (torch.as_tensor(v) for v in nd.jitter_bounds(rec.trial, rec.time, 0.2))
+    counts = torch.zeros(512, 5).index_put_((x.flatten(), (x2 - lo[x]).flatten()), torch.ones(x.numel()),
+                                            accumulate=True)            # (anchor, place in its window)
+    width = (hi - lo + 1)[:512, None]
+    expected = 100 / width.float()                                      # uniform over each window
+    assert ((counts - expected).abs() <= 5 * expected.sqrt())[torch.arange(5) < width].all()
+    assert (counts[torch.arange(5) >= width] == 0).all()
 
 
 # --- schedules --------------------------------------------------------------------------------
