@@ -43,6 +43,17 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
+
+def stopped_at_start(signum, frame):
+    print(f"stopped: {signal.Signals(signum).name} during start-up; nothing was kept yet; the same command "
+          f"starts again: {shlex.join(['python', *sys.argv])}", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":          # Ctrl-C or SIGTERM while torch loads (seconds): one line, no traceback
+    signal.signal(signal.SIGINT, stopped_at_start)
+    signal.signal(signal.SIGTERM, stopped_at_start)
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -77,6 +88,7 @@ class Config:
     out: str = arg("", "folder for config, log, checkpoint, results and encoder.pt; empty: none", FREE)
     resume: bool = arg(False, "continue the run in --out from its checkpoint", FREE)
     overwrite: bool = arg(False, "replace the run already in --out", FREE)
+    nproc_per_node: int = arg(1, "processes, one per GPU, started through torch's launcher (torchrun)", INT1)
     ckpt_every: int = arg(100, "write --out/checkpoint.pt every this many epochs, and at the end", INT1)
     # -- optimisation (Appendix D.1 "Training") --
     epochs: int = arg(1000, "training epochs (App. D: 1000)", INT1)
@@ -969,8 +981,12 @@ def check_fields(cfg):
     out, data_dir = (existing_parent(p) for p in (cfg.out or ".", cfg.data_dir))    # what exists of them
     if cfg.out and not os.path.isdir(out):
         raise ConfigError(f"--out {cfg.out}: {out} is a file, not a folder; give a folder path")
-    if cfg.out and not os.access(out, os.W_OK):
-        raise ConfigError(f"--out {cfg.out}: cannot write in {out}; give a writable folder")
+    if cfg.out:
+        try:                        # made and removed, not os.access: root passes that even in /proc
+            os.rmdir(tempfile.mkdtemp(dir=out))
+        except OSError as e:
+            raise ConfigError(f"--out {cfg.out}: cannot write in {out} ({e.strerror}); give a writable "
+                              f"folder") from None
     if not os.path.isdir(data_dir):
         raise ConfigError(f"--data-dir {cfg.data_dir}: {data_dir} is a file; give the folder that holds "
                           f"the data (or will, with --download)")
@@ -993,30 +1009,42 @@ def available_memory(device):
         except (AttributeError, ValueError, OSError):
             return None
 
-def check_memory(cfg, device, world):
-    """Settings that cannot fit are refused before any data is built. Lower bounds, in bytes per
-    process, of what one setting alone must hold at once in float32: a step's views and the first
-    layers' activations kept for backward (--batch-size), the fresh candidates' views and their
-    (B, L) similarities (--pool-size), a readout batch's features (--eval-batch-size)."""
-    free = available_memory(device)
-    if free is None:
-        return
-    channels = 1 if cfg.dataset in ("mnist", "fashion-mnist", "dsprites") else 3
-    view = 0 if cfg.arch == "mlp" else channels * cfg.image_size ** 2        # neural: not known yet
-    first = 64 if cfg.arch.startswith("resnet") else cfg.hidden               # first layer's width
-    kept = 8 * cfg.hidden if cfg.arch == "mlp" else 2 * first * cfg.image_size ** 2
-    D = {"mlp": cfg.rep_dim, "convnet": 72 * cfg.hidden, "resnet18": 512}.get(cfg.arch, 2048)
-    B, L = cfg.batch_size / world, pool_size(cfg) / world
-    fresh = cfg.method == "myow" and cfg.pool == "fresh"
-    need = {"batch_size": 4 * 3 * B * (view + kept),
-            "pool_size": 4 * (L * view + B * pool_size(cfg)) if fresh else 0,
-            "eval_batch_size": 4 * cfg.eval_batch_size * D}
-    if sum(need.values()) > free:
-        field = max(need, key=need.get)
-        flag = "--" + field.replace("_", "-")
-        raise ConfigError(f"{flag} {getattr(cfg, field)}: needs at least {need[field] / 2 ** 30:.1f} GiB at "
-                          f"once, and {device} has {free / 2 ** 30:.1f} GiB available; lower {flag}")
+SIZING = ("batch_size", "pool_size", "eval_batch_size", "hidden", "rep_dim", "proj_hidden", "proj_dim",
+          "pred_hidden", "image_size")                    # the settings that size tensors
 
+def memory_needed(cfg, world):
+    """A lower bound, in bytes per process, of what a run holds at once in float32: the heads' and the
+    MLP's weights with their gradients, optimiser states and target copy (5 x), a step's three views
+    of B / world rows with the activations kept for backward, the fresh candidates' views and the
+    (B, L) similarities, and a readout batch's features. The neurons of a recording are not known yet."""
+    conv = cfg.arch != "mlp"
+    view = (1 if cfg.dataset in ("mnist", "fashion-mnist", "dsprites") else 3) * cfg.image_size ** 2 * conv
+    first = 64 if cfg.arch.startswith("resnet") else cfg.hidden              # first layer's width
+    kept = 2 * first * cfg.image_size ** 2 if conv else 8 * cfg.hidden
+    D = {"mlp": cfg.rep_dim, "convnet": 72 * cfg.hidden, "resnet18": 512}.get(cfg.arch, 2048)
+    P = cfg.proj_dim if cfg.proj_hidden else D                              # size of z, v and p
+    weights = 2 * cfg.proj_hidden * (D + P) + 2 * cfg.pred_hidden * 2 * P + (not conv) * cfg.hidden * (
+        3 * cfg.hidden + cfg.rep_dim)
+    per_view = view + kept + D + 2 * cfg.proj_hidden + 2 * cfg.pred_hidden + 2 * P
+    B, L = cfg.batch_size / world, pool_size(cfg)
+    fresh = cfg.method == "myow" and cfg.pool == "fresh"
+    return 4 * (5 * weights + 3 * B * per_view + fresh * (L / world * view + B * L) + cfg.eval_batch_size * D)
+
+def largest_setting(cfg, world):
+    """The flag and value of the setting that sizes this run's memory most beyond its preset: the one
+    whose preset value would shrink the estimate most (--batch-size where none is above its preset)."""
+    preset, need = Config(**PRESETS[cfg.dataset]), memory_needed(cfg, world)
+    name = max(SIZING, key=lambda f: need / memory_needed(
+        dataclasses.replace(cfg, **{f: getattr(preset, f)}), world))
+    return f"--{name.replace('_', '-')} {getattr(cfg, name)}"
+
+def check_memory(cfg, device, world):
+    """Settings that cannot fit are refused before any data is built, naming the one that dominates."""
+    free, need = available_memory(device), memory_needed(cfg, world)
+    if free is not None and need > free:
+        setting = largest_setting(cfg, world)
+        raise ConfigError(f"{setting}: this run needs at least {need / 2 ** 30:.1f} GiB at once and {device} "
+                          f"has {free / 2 ** 30:.1f} GiB available; lower {setting.split()[0]}")
 
 def check_config(cfg, data, world):
     """What depends on the loaded data and the number of processes (before --out is touched)."""
@@ -1115,14 +1143,18 @@ def end_of_epoch(cfg, epoch, stats, sched, saved, signalled, book):
     if cfg.out and (stop or (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs):
         state = {"model": model.state_dict(), "target": target.state_dict(), "opt": opt.state_dict(),
                  "epoch": epoch + 1, "last": last, "rng": rng_states(index_gen),
-                 "config": dataclasses.asdict(cfg)}
+                 "config": dataclasses.asdict(cfg), "conditions": conditions(stats.device)}
         if rank == 0:
             save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), state)
     if stop:
-        raise Stopped(int(stop), f"after epoch {epoch + 1}" + ("; checkpoint written" if cfg.out else ""))
+        raise Stopped(int(stop), f"after epoch {epoch + 1}")
     return last
 
-RUN_FIELDS = {"out", "resume", "overwrite", "device", "log_every", "ckpt_every", "data_dir"}
+RUN_FIELDS = {"out", "resume", "overwrite", "device", "log_every", "ckpt_every", "data_dir", "nproc_per_node"}
+
+def conditions(device):
+    """What a bit-identical resume needs besides the checkpoint (the process count is checked)."""
+    return f"{torch.get_num_threads()} CPU thread(s), {device.type}"
 
 def rng_states(index_gen):
     """Every generator in use, for every rank (each has its own augmentation stream)."""
@@ -1145,10 +1177,12 @@ def write_atomic(path, data):
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:                     # a failed write, or a second signal stopping at once
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise cannot_write(path, e) from None
+        if isinstance(e, OSError):
+            raise cannot_write(path, e) from None
+        raise
 
 
 def cannot_write(path, e):
@@ -1201,7 +1235,7 @@ def save_encoder(path, f, cfg, data):
     if isinstance(data, neural_data.NeuralSplit):
         inputs["keep"] = torch.as_tensor(data.keep)             # (N,) of the recording's neurons
     else:
-        inputs["size"] = data.size
+        inputs["size"], inputs["hw"] = data.size, list(data.x.shape[-2:])
     save_checkpoint(path, {"format": "myow encoder 1", "config": dataclasses.asdict(cfg), "inputs": inputs,
                            "encoder": {k: v.cpu() for k, v in f.state_dict().items()}})
 
@@ -1225,18 +1259,25 @@ def load_encoder(path, device="cpu"):
     mean, std = inputs["mean"], inputs["std"]
     neural = "keep" in inputs
     n_in = len(inputs["keep"]) if neural else inputs["c_in"]
-    want = f"firing rates (T, {n_in})" if neural else f"uint8 images (n, {n_in}, H, W)"
+    want = (f"firing rates (T, {n_in}) in Hz, the training recording's neurons in its order" if neural else
+            f"uint8 images (n, {n_in}, {', '.join(map(str, inputs.get('hw', ['H', 'W'])))})")
 
     @torch.no_grad()
     def embed(x):
-        x = torch.as_tensor(x, device=device)
-        if neural and x.ndim == 2 and x.shape[1] == n_in and x.is_floating_point():
-            x = (x.float()[:, inputs["keep"]] - mean) / std
-        elif not neural and x.ndim == 4 and x.shape[1] == n_in and x.dtype == torch.uint8:
-            x = image_inputs(x, mean, std, inputs["size"])
-        else:
-            raise ValueError(f"this encoder takes {want}, as in training; got {x.dtype} of shape "
-                             f"{tuple(x.shape)}")
+        try:
+            x = torch.as_tensor(x if torch.is_tensor(x) else np.asarray(x), device=device)
+        except (TypeError, ValueError, RuntimeError):      # None, strings, ragged lists, objects
+            raise ValueError(f"this encoder takes {want}; got a {type(x).__name__} that is not an array "
+                             f"of numbers") from None
+        if x.dtype == torch.bool or x.is_complex() or not neural and x.dtype != torch.uint8:
+            raise ValueError(f"this encoder takes {want}; got dtype {x.dtype}")
+        if x.shape[1:] != ((n_in,) if neural else (n_in, *inputs.get("hw", x.shape[2:]))):   # (C, H, W)
+            raise ValueError(f"this encoder takes {want}, as in training; got shape {tuple(x.shape)}")
+        if neural and not torch.isfinite(x).all():
+            t, n = torch.nonzero(~torch.isfinite(x))[0].tolist()
+            raise ValueError(f"firing rate at row {t}, neuron {n} is {x[t, n].item()}; remove or interpolate "
+                             f"non-finite values")
+        x = (x.float()[:, inputs["keep"]] - mean) / std if neural else image_inputs(x, mean, std, inputs["size"])
         return torch.cat([f(c).float() for c in x.split(1024)])
     return embed
 
@@ -1265,19 +1306,21 @@ OUT_FILES = ("config.json", "log.jsonl", "results.json", "checkpoint.pt", "encod
              "metadata.tsv", "mined_views.png")
 
 def prepare_out(cfg, rank):
-    """Never overwrite a run silently: continue it (--resume) or replace it (--overwrite)."""
+    """Never overwrite a run silently: continue it (--resume) or replace it (--overwrite). A run
+    stopped before its first checkpoint kept nothing worth keeping: the same command starts it again."""
     if not cfg.out:
         return None
-    state = load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), cfg) if cfg.resume else None
     ours = [f for f in OUT_FILES if os.path.exists(os.path.join(cfg.out, f))]
-    if ours and not cfg.resume and not cfg.overwrite:
+    again = bool(ours) and set(ours) <= {"config.json", "log.jsonl"}      # started, nothing kept
+    state = load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), cfg) if cfg.resume and not again else None
+    if ours and not (cfg.resume or cfg.overwrite or again):
         raise ConfigError(f"--out {cfg.out} already holds a run ({', '.join(ours)}); continue it with "
                           f"--resume or replace it with --overwrite")
     if dist.is_initialized():
         dist.barrier()                             # every rank has looked before rank 0 writes
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
-        if cfg.overwrite and not cfg.resume:
+        if cfg.overwrite and not cfg.resume or again:
             for f in ours:
                 os.remove(os.path.join(cfg.out, f))
         log = os.path.join(cfg.out, "log.jsonl")
@@ -1315,6 +1358,9 @@ def run(cfg):
         about = f"images {tuple(splits[0].x.shape[1:])}"
     check_config(cfg, pretrain, world)
     state = prepare_out(cfg, rank)
+    if rank == 0 and state and state.get("conditions", conditions(device)) != conditions(device):
+        print(f"note: the checkpoint was written with {state['conditions']}, this run has {conditions(device)}: "
+              f"it goes on, but will not end bit-identical to an uninterrupted run", file=sys.stderr)
     if rank == 0:
         print(f"{cfg.dataset}: {about}, splits {[len(s) for s in splits if s]}, {cfg.method} on "
               f"{world} x {device}", flush=True)
@@ -1365,14 +1411,45 @@ def resume_command(argv):
     """The command that continues this run: its own flags, --resume, and torchrun's process count."""
     flags = [a for a in argv if a not in ("--resume", "--overwrite")] + ["--resume"]
     here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    launcher = ["torchrun", "--nproc_per_node", str(here)] if "RANK" in os.environ else ["python"]
+    torchrun = "RANK" in os.environ and "--nproc-per-node" not in argv
+    launcher = ["torchrun", "--nproc_per_node", str(here)] if torchrun else ["python"]
     return shlex.join(launcher + [os.path.relpath(__file__)] + flags)
+
+def stop_line(e, cfg, argv):
+    """What a signal left: the checkpoint and the command that continues, or nothing yet."""
+    ckpt = cfg and cfg.out and os.path.join(cfg.out, "checkpoint.pt")
+    if ckpt and os.path.exists(ckpt):
+        return f"stopped: {e}; the checkpoint in {cfg.out} is kept; continue with: {resume_command(argv)}"
+    again = shlex.join(["python", os.path.relpath(__file__)] + list(argv))
+    return f"stopped: {e}; nothing was kept yet; the same command starts again: {again}"
+
+def launch(cfg, argv):
+    """--nproc-per-node N: torch's launcher (torchrun) runs N processes of this command. Called from
+    here, a run stopped by a signal ends with the signal's status, not the launcher's traceback."""
+    import logging
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)   # the workers say what happened
+    try:
+        torchrun(["--standalone", f"--nproc_per_node={cfg.nproc_per_node}", __file__, *argv])
+    except SignalException as e:
+        sys.exit(128 + e.sigval)
+    except ChildFailedError as e:                   # each worker has printed its own line
+        code = min(f.exitcode for f in e.failures.values())
+        sys.exit(code if code > 0 else 128 - code)  # -15: killed by SIGTERM
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = None
+
+    def stop(signum, frame):                        # outside training, a signal stops at once
+        raise Stopped(signum, "before the end of the run")
+    before = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         cfg = parse_config(argv)
+        if cfg.nproc_per_node > 1 and "RANK" not in os.environ:
+            return launch(cfg, argv)
         run(cfg)
     except ConfigError as e:                    # a setting refused: argparse's status for usage errors
         print(f"error: {e}", file=sys.stderr)
@@ -1381,20 +1458,20 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except (Stopped, KeyboardInterrupt) as e:   # a signal: 128 + its number, as a shell reports
-        signum = getattr(e, "signum", signal.SIGINT)       # Ctrl-C outside training: KeyboardInterrupt
-        kept = bool(cfg and cfg.out and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")))
+        e = e if isinstance(e, Stopped) else Stopped(signal.SIGINT, "before the end of the run")
         if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"stopped: {e or 'SIGINT'}" + (f"; continue with: {resume_command(argv)}" if kept else ""),
-                  file=sys.stderr)
-        sys.exit(128 + signum)
+            print(stop_line(e, cfg, argv), file=sys.stderr)
+        sys.exit(128 + e.signum)
     except RuntimeError as e:                   # out of memory: CUDA's own error, the CPU allocator's
         if not isinstance(e, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
-        print(f"error: out of memory ({str(e).splitlines()[0][:120]}); lower --batch-size {cfg.batch_size}, "
-              f"--pool-size {pool_size(cfg)} or --eval-batch-size {cfg.eval_batch_size}; a checkpoint in "
-              f"--out is kept", file=sys.stderr)
+        setting = largest_setting(cfg, dist.get_world_size() if dist.is_initialized() else 1)
+        print(f"error: out of memory ({str(e).splitlines()[0]}); lower {setting}, the setting that sizes this "
+              f"run's memory most; the last checkpoint in --out is kept", file=sys.stderr)
         sys.exit(1)
     finally:
+        for s, h in before.items():
+            signal.signal(s, h)
         if dist.is_initialized():
             dist.destroy_process_group()
 

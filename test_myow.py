@@ -11,6 +11,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -431,6 +432,16 @@ def test_cli_trains_and_prints_json(method, tmp_path):
     np.testing.assert_allclose(f(rates).numpy(), emb, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match=rf"\(T, 96\).*\({len(rates)}, 90\)"):          # both numbers
         f(rates[:, :90])
+    bad = rates.copy()
+    for value in (np.nan, np.inf, -np.inf):                           # never numbers out of NaN or inf
+        bad[5, 7] = value
+        with pytest.raises(ValueError, match=f"row 5, neuron 7 is {value}"):
+            f(bad)
+    for hostile in (None, "rates", [[1.0, 2.0], [3.0]], [{"a": 1}], rates[0]):   # one clear line each
+        with pytest.raises(ValueError, match=r"this encoder takes firing rates \(T, 96\)"):
+            f(hostile)
+    with pytest.raises(ValueError, match="dtype torch.bool"):
+        f(rates > 0)
     for not_an_encoder in (tmp_path / "checkpoint.pt", tmp_path / "results.json"):
         with pytest.raises(ValueError, match="not an encoder.pt"):
             myow.load_encoder(not_an_encoder)
@@ -598,27 +609,82 @@ def test_signal_finishes_the_epoch_and_the_printed_command_resumes_exactly(sig, 
     assert {k: json.loads(resumed.stdout.strip().splitlines()[-1])[k] for k in METRICS} == uninterrupted
 
 
-def test_sigterm_under_torchrun_stops_every_rank_and_resumes_exactly(tmp_path):
-    """torchrun passes SIGTERM to its workers: both ranks finish the same epoch, one checkpoint is
-    written, and torchrun --resume ends with the metrics of an uninterrupted torchrun run."""
+def test_sigterm_under_the_launcher_stops_every_rank_and_resumes_exactly(tmp_path):
+    """--nproc-per-node 2 runs torch's launcher: SIGTERM to it reaches both ranks, which finish the
+    same epoch and write one checkpoint; the launcher ends with 143 and no traceback, and the printed
+    command ends with the metrics of an uninterrupted torchrun run."""
     full = torchrun(2, "myow.py", *FAST, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-3000:]
     out = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "myow.py", *FAST, "--out", str(out)], cwd=HERE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "myow.py", *FAST, "--out", str(out), "--nproc-per-node", "2"],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     for line in proc.stdout:
         if line.startswith("epoch    7/"):
             proc.send_signal(signal.SIGTERM)
             break
     err = proc.communicate(timeout=120)[1]
-    assert "continue with: torchrun --nproc_per_node 2" in err, err[-3000:]
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
     assert 7 <= torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] < 30
-    resumed = torchrun(2, "myow.py", *FAST, "--out", str(out), "--resume")
+    command = shlex.split(err.strip().splitlines()[-1].split("continue with: ")[1])
+    assert command[:2] == ["python", "myow.py"] and "--nproc-per-node" in command, err[-3000:]
+    resumed = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, cwd=HERE, timeout=240,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = (json.loads([l for l in p.stdout.splitlines() if l.startswith("{")][0]) for p in (full, resumed))
     assert {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}
+
+
+SLOW_EVAL = (*FAST, "--eval-epochs", "1500")          # a final evaluation of a few seconds to stop in
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_slow_eval(tmp_path_factory):
+    full = run_cli(*SLOW_EVAL, "--out", str(tmp_path_factory.mktemp("full")))
+    assert full.returncode == 0, full.stderr
+    return {k: json.loads(full.stdout.strip().splitlines()[-1])[k] for k in METRICS}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("moment", ["start-up", "before the first epoch", "the final evaluation"])
+def test_a_signal_at_any_moment_is_one_line_and_the_printed_command_finishes(moment, sig, tmp_path,
+                                                                               uninterrupted_slow_eval):
+    """Outside training too (while torch loads, after config.json and before the first checkpoint,
+    in the final evaluation): status 128 + the signal, one line saying what was kept and the command
+    that goes on, and that command ends with the metrics of an uninterrupted run."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "myow.py", *SLOW_EVAL, "--out", str(out)], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if moment == "start-up":
+        time.sleep(0.3)                                             # importing torch takes seconds
+    for line in proc.stdout if moment != "start-up" else []:
+        if moment == "before the first epoch" and line.startswith("synthetic:"):    # config.json is written
+            break
+        if line.startswith("epoch   30/"):                          # training is over, the readout begins
+            time.sleep(0.5)
+            break
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + sig and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"stopped: {signal.Signals(sig).name}") and "Traceback" not in err, err
+    kept = moment == "the final evaluation"
+    assert ("is kept; continue with: " in err) == kept and ("nothing was kept" in err) != kept, err
+    command = shlex.split(err.split("continue with: " if kept else "starts again: ")[1])
+    again = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, cwd=HERE, timeout=240)
+    assert again.returncode == 0, again.stderr
+    assert {k: json.loads(again.stdout.strip().splitlines()[-1])[k] for k in METRICS} == uninterrupted_slow_eval
+
+
+def test_a_resume_under_other_threads_says_it_will_not_be_bit_identical(tmp_path):
+    run = ("--epochs", "2", "--out", str(tmp_path))
+    first = subprocess.run([sys.executable, "myow.py", *run], capture_output=True, text=True, cwd=HERE,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert first.returncode == 0, first.stderr
+    for threads, note in (("1", False), ("2", True)):
+        resumed = subprocess.run([sys.executable, "myow.py", *run, "--resume"], capture_output=True, text=True,
+                                 cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": threads})
+        assert resumed.returncode == 0 and ("not end bit-identical" in resumed.stderr) == note, resumed.stderr
+    assert "1 CPU thread(s), cpu, this run has 2 CPU thread(s), cpu" in resumed.stderr
 
 
 def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
@@ -671,13 +737,16 @@ def test_a_failed_write_ends_in_one_line_and_keeps_the_last_checkpoint(tmp_path,
 
 
 def test_settings_too_large_for_memory_are_refused_before_any_data(monkeypatch, capsys, tmp_path):
-    """A mistyped --pool-size, --batch-size or --eval-batch-size: one line naming the flag and the
+    """A mistyped setting that sizes a tensor: one line naming that flag (not another) and the
     memory, exit 2, before any data is built."""
     monkeypatch.setattr(myow, "load_images", lambda *a: pytest.fail("data built"))
     monkeypatch.setattr(nd, "load_neural", lambda *a: pytest.fail("data built"))
     for argv, flag in ((["--dataset", "dsprites", "--pool", "fresh", "--pool-size", "100000000"], "--pool-size"),
                        (["--batch-size", "1000000000"], "--batch-size"),
-                       (["--eval-batch-size", "1000000000000"], "--eval-batch-size")):
+                       (["--eval-batch-size", "1000000000000"], "--eval-batch-size"),
+                       (["--rep-dim", "100000000"], "--rep-dim"), (["--hidden", "1000000"], "--hidden"),
+                       (["--dataset", "cifar10", "--proj-hidden", "100000000"], "--proj-hidden"),
+                       (["--pred-hidden", "100000000"], "--pred-hidden")):
         with pytest.raises(SystemExit) as e:
             myow.main(argv + ["--out", str(tmp_path / "run")])
         err = capsys.readouterr().err
@@ -690,13 +759,38 @@ def test_out_of_memory_during_a_run_is_one_line_naming_what_to_lower(monkeypatch
 
     def runs_out(cfg, data, nets, s, c, *a):
         if int(s[0]) % 7 == 0:
-            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 160000000000 bytes. Error code 12")
         return step(cfg, data, nets, s, c, *a)
     monkeypatch.setattr(myow, "myow_step", runs_out)
     with pytest.raises(SystemExit) as e:
         myow.main(["--epochs", "30", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert e.value.code == 1 and len(err.strip().splitlines()) == 1 and "--batch-size 512" in err, err
+    assert "160000000000 bytes" in err                               # torch's figure, whole
+    with pytest.raises(SystemExit) as e:                             # the setting that sized it is named
+        myow.main(["--epochs", "30", "--out", str(tmp_path / "wide"), "--pred-hidden", "4096"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "lower --pred-hidden 4096" in err, err
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused_in_one_line(tmp_path):
+    one_line_error(run_cli("--out", "/proc/myow-run"), "--out /proc/myow-run", "writable")
+    (tmp_path / "file").write_text("")
+    one_line_error(run_cli("--out", str(tmp_path / "file" / "run")), "is a file")
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_taken_up_by_the_same_command(tmp_path):
+    (tmp_path / "config.json").write_text("{}")                      # what a stop before epoch 1 leaves
+    (tmp_path / "log.jsonl").write_text("")
+    for argv in (["--epochs", "2"], ["--epochs", "2", "--resume"]):
+        p = run_cli(*argv, "--out", str(tmp_path))
+        assert p.returncode == 0, p.stderr
+        for f in ("checkpoint.pt", "results.json", "encoder.pt"):
+            (tmp_path / f).unlink()
+    p = run_cli("--epochs", "2", "--out", str(tmp_path))             # a checkpoint: only --resume goes on
+    assert p.returncode == 0
+    one_line_error(run_cli("--epochs", "2", "--out", str(tmp_path)), "already holds a run", "--resume")
 
 
 def test_a_download_without_network_is_one_line_and_leaves_nothing(monkeypatch, capsys, tmp_path):
@@ -1068,10 +1162,12 @@ def test_image_embeddings_are_the_test_set_with_its_labels(tmp_path, monkeypatch
     assert res["knn_acc"] is not None and json.loads(open(tmp_path / "log.jsonl").readline())["knn_acc"] >= 0
     f = myow.load_encoder(tmp_path / "encoder.pt")                      # uint8 images in, y out
     np.testing.assert_allclose(f(small[1].x).numpy(), emb, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match=r"\(n, 1, H, W\).*\(2, 3, 32, 32\)"):
-        f(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="uint8"):
-        f(small[1].x.float())
+    for shape in ((2, 3, 32, 32), (2, 1, 28, 28), (2, 32, 32)):         # channels, the size it was trained on
+        with pytest.raises(ValueError, match=rf"\(n, 1, 32, 32\).*{re.escape(str(shape))}"):
+            f(torch.zeros(shape, dtype=torch.uint8))
+    for hostile in (small[1].x.float(), None, "images", [[1, 2], [3]]):
+        with pytest.raises(ValueError, match=r"uint8 images \(n, 1, 32, 32\)"):
+            f(hostile)
 
 
 def test_mined_views_picture_shows_each_anchor_next_to_its_nearest_candidate(tmp_path, monkeypatch):
