@@ -71,15 +71,20 @@ def arg(default, help, check):
 FREE = None
 INT1, INT0, POS, NONNEG = "an integer >= 1", "an integer >= 0", "a finite number > 0", "a finite number >= 0"
 PROB, BELOW1, AREA = "a probability in [0, 1]", "in [0, 1)", "'lo:hi' with 0 < lo <= hi <= 1"
+SIZE = "'T,N', integers T >= 100 and N >= 1, or empty"
 
 @dataclass
 class Config:
-    dataset: str = arg("synthetic", "neural: synthetic | chewie1 | chewie2 | mihi1 | mouse | npz; images: "
+    dataset: str = arg("synthetic", "neural: synthetic | chewie1 | chewie2 | mihi1 | mouse | npz | phy; images: "
                        "dsprites | cifar10 | cifar100 | mnist | fashion-mnist | tiny-imagenet | random32",
                        "a data set named in --help")
     data_dir: str = arg("data", "folder holding the published files (downloaded there if missing)", FREE)
     download: bool = arg(False, "images: let torchvision download the data set into --data-dir", FREE)
-    data_file: str = arg("", "with --dataset npz: your recording (see README)", FREE)
+    data_file: str = arg("", "--dataset npz: your recording; phy: a Kilosort / Phy folder (README)", FREE)
+    bin_s: float = arg(0.01, "--dataset phy: bin width in s", POS)
+    units: str = arg("good", "--dataset phy: the units of these Phy groups", ("good", "good,mua"))
+    size: str = arg("", "--dataset synthetic: 'T,N', a continuous session of T bins of 10 ms x N neurons "
+                    "encoding a 2-D velocity (R², README: scale); empty: 240 reaches", SIZE)
     train_fraction: float = arg(0.3, "dsprites: r, the fraction of the kept images training sees (App. I)",
                                 "in (0, 1)")
     method: str = arg("myow", "myow | byol (lambda = 0, no mining) | supervised (sec. 3.3) | raw (the floor)",
@@ -91,7 +96,8 @@ class Config:
     nproc_per_node: int = arg(1, "processes, one per GPU, started through torch's launcher (torchrun)", INT1)
     ckpt_every: int = arg(100, "write --out/checkpoint.pt every this many epochs, and at the end", INT1)
     # -- optimisation (Appendix D.1 "Training") --
-    epochs: int = arg(1000, "training epochs (App. D: 1000)", INT1)
+    epochs: int = arg(1000, "training epochs (App. D: 1000); neural data: at most 20,000 steps (README)", INT1)
+    steps: int = arg(0, "training steps in all, instead of --epochs; 0: --epochs", INT0)
     batch_size: int = arg(512, "B, anchors per step (App. D: 512)",
                           "an integer >= 2 (BatchNorm needs two samples)")
     optimizer: str = arg("adamw", "adamw (App. D, neural) or sgd (App. C, images)", ("adamw", "sgd"))
@@ -154,6 +160,8 @@ class Config:
     eval_milestones: str = arg("", "SGD readout: epochs dividing lr by 10 (App. C: 140,190)",
                                "epochs 'm1,m2,...' (integers >= 1), or empty")
     eval_batch_size: int = arg(512, "batch of the linear readout (not given in the paper)", INT1)
+    eval_steps: int = arg(3000, "the readout's epochs stop at this many steps (a large recording); 0: none",
+                          INT0)
     eval_wd_exponents: str = arg("-10:10", "readout weight decays 2^a..2^b, chosen on validation (App. D); "
                                  "empty: none (App. C)", "'a:b' with integers a <= b, or empty")
     # -- supervised baseline (sec. 3.3: "weight regularization and dropout"; values not given) --
@@ -171,25 +179,27 @@ class Config:
     save_mined_views: bool = arg(False, "images: write --out/mined_views.png, anchors and their k nearest "
                                  "(Fig. 2)", FREE)
 
+NEURAL_STEPS = 20000      # a neural run's steps without --steps (README: scale; App. D's Mouse-CA1: 16,000)
+
 # Per-dataset defaults in one table; a flag given on the command line always wins.
 MONKEY = {}                                     # Appendix D.1 = Config defaults (README "Choices")
 IMAGES = dict(optimizer="sgd", lr=0.03, weight_decay=5e-4, warmup_epochs=10, tau=0.996, epochs=800,
               pool="fresh", anchor_view="new", pretrain_on="train", pool_size=512, k=1, mining_weight=0.1,
               arch="resnet18", proj_hidden=4096, pred_hidden=4096, ckpt_every=10, eval_epochs=200,
-              eval_lr=0.4, eval_milestones="140,190", eval_wd_exponents="", eval_every=10)      # App. B, C
+              eval_lr=0.4, eval_milestones="140,190", eval_wd_exponents="", eval_every=10, eval_steps=0)  # App. B, C
 SMALL = dict(IMAGES, arch="convnet", hidden=16, batch_size=256, pool_size=256, proj_hidden=512,
              proj_dim=64, pred_hidden=512, warmup_epochs=2, eval_epochs=30, eval_milestones="20,27",
              eval_lr=0.05, eval_every=5)                   # readout lr: validation (README)
 PRESETS = {
     "synthetic": dict(MONKEY, epochs=300),        # offline default: 300 epochs, a few seconds (README)
-    "chewie1": MONKEY, "chewie2": MONKEY, "mihi1": MONKEY, "npz": MONKEY,
+    "chewie1": MONKEY, "chewie2": MONKEY, "mihi1": MONKEY, "npz": MONKEY, "phy": MONKEY,
     "mouse": dict(lr=0.001, rep_dim=64, jitter_s=12.0, min_gap_s=1800.0, sup_dropout=0.2),   # App. D.2
     "cifar10": IMAGES, "cifar100": IMAGES, "mnist": IMAGES, "random32": IMAGES,
     "tiny-imagenet": dict(IMAGES, image_size=64),
     "dsprites": dict(SMALL, epochs=12),             # App. I at r = 0.3; README: epochs x 0.3 / r
     "fashion-mnist": dict(SMALL, image_size=28, epochs=10),       # README: 11-13 min on 2 cores
 }
-NEURAL = {"synthetic", "chewie1", "chewie2", "mihi1", "mouse", "npz"}
+NEURAL = {"synthetic", "chewie1", "chewie2", "mihi1", "mouse", "npz", "phy"}
 
 # ==== Augmentations: t ~ T for neural activity (Appendix D.1, J) and images (Appendix C) ============
 def augment(data, idx, cfg, t_m=False):
@@ -427,6 +437,18 @@ def lambda_at(step, ramp, weight):
     """lambda ramped linearly from 0 to `weight` over `ramp` steps (section 2.1)."""
     return weight * min(1.0, step / ramp) if ramp > 0 else weight
 
+def schedule(cfg, n):
+    """Steps an epoch (full batches of B from n samples), epochs, steps in all, and the warm-up and
+    lambda-ramp steps. A run is --steps steps, or --epochs passes; neural data stops at NEURAL_STEPS,
+    which only recordings far larger than the published ones reach (README: scale). Warm-up and ramp
+    keep their share of the run (App. D: 100 and 10 of 1000 epochs)."""
+    per_epoch = n // cfg.batch_size
+    total = cfg.steps or cfg.epochs * per_epoch
+    if not cfg.steps and cfg.arch == "mlp":
+        total = min(total, NEURAL_STEPS)
+    share = lambda epochs: total * epochs // cfg.epochs            # exact when total = epochs * per_epoch
+    return per_epoch, -(-total // per_epoch), total, share(cfg.warmup_epochs), share(cfg.mining_ramp_epochs)
+
 def pool_size(cfg):
     """L, the candidates per step: --pool-size fresh ones, or the batch's own views (L = B)."""
     return cfg.pool_size if cfg.pool == "fresh" else cfg.batch_size
@@ -514,7 +536,8 @@ def myow_step(cfg, data, nets, s_all, c_all, lam, rank, world):
             j, has = mine(y[anchors], y_pool, allowed, cfg.k)
         n_mined = has.sum()                                        # anchors with a mined view
         loss_mine = (d(r_v, v_pool[j]) * has).sum() / n_mined.clamp(min=1)
-        same = ((data.labels[s] == data.labels[c_all[j]]) * has).sum() if data.labels is not None else zero
+        classes = data.labels is not None and not data.labels.is_floating_point()
+        same = ((data.labels[s] == data.labels[c_all[j]]) * has).sum() if classes else zero
         return torch.stack([loss_aug + lam * loss_mine, loss_aug, loss_mine, same, n_mined])
 
 def train(cfg, data, device, log, rank=0, world=1, state=None, monitor=None):
@@ -523,22 +546,21 @@ def train(cfg, data, device, log, rank=0, world=1, state=None, monitor=None):
     model, target, opt, nets = setup_training(cfg, data, device)
     xi, theta = ema_tensors(target), ema_tensors(model.net)
     N, B, L = len(data), cfg.batch_size, pool_size(cfg)
-    steps_per_epoch = N // B                                               # full batches only
-    total = cfg.epochs * steps_per_epoch
+    steps_per_epoch, epochs, total, warmup, ramp = schedule(cfg, N)
     index_gen = torch.Generator(device).manual_seed(cfg.seed)  # batches and pools: same on all ranks
     torch.manual_seed(cfg.seed + rank)                          # augmentations: one stream per rank
     start, last = restore(state, model, target, opt, index_gen, rank, device) if state else (0, None)
     step = start * steps_per_epoch
-    book = dict(log=log, monitor=monitor, rank=rank, world=world, steps=steps_per_epoch, start=start,
-                t0=time.time(), labelled=data.labels is not None)          # what end_of_epoch needs
+    book = dict(log=log, monitor=monitor, rank=rank, world=world, epochs=epochs, start=start, t0=time.time(),
+                classes=data.labels is not None and not data.labels.is_floating_point())  # for end_of_epoch
     with stop_on_signals() as signalled:            # SIGINT, SIGTERM: stop after this epoch
-        for epoch in range(start, cfg.epochs):
+        for epoch in range(start, epochs):
             stats = torch.zeros(5, device=device)     # loss, aug loss, mined loss, same-label, mined
             perm = torch.randperm(N, generator=index_gen, device=device)
-            for it in range(steps_per_epoch):
-                lr = lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
+            for it in range(min(steps_per_epoch, total - step)):             # the last may be short
+                lr = lr_at(step, total, warmup, cfg.lr)
                 tau = tau_at(step, total, cfg.tau, 1.0 if cfg.tau_schedule == "cosine" else cfg.tau)
-                lam = lambda_at(step, cfg.mining_ramp_epochs * steps_per_epoch, cfg.mining_weight)
+                lam = lambda_at(step, ramp, cfg.mining_weight)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 s = perm[it * B:(it + 1) * B]                      # (B,) the global batch's anchors
@@ -553,7 +575,7 @@ def train(cfg, data, device, log, rank=0, world=1, state=None, monitor=None):
                 update_target(xi, theta, tau)                                  # eq. (2)
                 stats += out.detach()
                 step += 1
-            schedules, saved = dict(lr=lr, tau=tau, lam=lam), (model, target, opt, index_gen)
+            schedules, saved = dict(lr=lr, tau=tau, lam=lam, steps=it + 1), (model, target, opt, index_gen)
             last = end_of_epoch(cfg, epoch, stats, schedules, saved, signalled, book)
     if cfg.save_mined_views and rank == 0:
         save_mined_views(os.path.join(cfg.out, "mined_views.png"), model.net.f, target.f, data, cfg)
@@ -577,16 +599,25 @@ def weighted_f1(pred, labels, n_classes):
     return f1
 
 def decoding_loss(out, labels, task):
-    """Reach: MSE to (cos, sin) of the direction (App. D.1); classes: cross-entropy, not
-    class-balanced (App. D.2 does not balance). out (..., n, O) -> one loss per readout (...)."""
-    if task == "reach":
+    """Reach: MSE to (cos, sin) of the direction (App. D.1); a continuous behaviour: MSE; classes:
+    cross-entropy, not class-balanced (App. D.2 does not balance). out (..., n, O) -> one loss per readout."""
+    if task in ("reach", "continuous"):
         angle = labels * (math.pi / 4)
-        return ((out - torch.stack([torch.cos(angle), torch.sin(angle)], -1)) ** 2).mean((-2, -1))
+        target = torch.stack([torch.cos(angle), torch.sin(angle)], -1) if task == "reach" else labels
+        return ((out - target) ** 2).mean((-2, -1))
     ce = F.cross_entropy(out.flatten(0, -2), labels.expand(out.shape[:-1]).flatten(), reduction="none")
     return ce.view(out.shape[:-1]).mean(-1)
 
+KEY = {"state": "f1", "continuous": "r2"}          # the metric that chooses a readout (else "acc")
+
+def r2(out, labels):
+    """R², the coefficient of determination of each of the S readouts and d dimensions: out (S, n, d)."""
+    return 1 - ((out - labels) ** 2).sum(-2) / ((labels - labels.mean(0)) ** 2).sum(0)      # (S, d)
+
 def scores(out, labels, task, n_classes):
-    """Metrics in % for each of the S readouts: out (S, n, O)."""
+    """Metrics in % (R²: a fraction, per dimension and mean) for each of the S readouts: out (S, n, O)."""
+    if task == "continuous":
+        return {"r2": r2(out, labels).mean(-1), "r2_dims": r2(out, labels)}
     if task == "reach":
         err = angle_error(out, labels)
         return {"acc": 100 * (err < math.pi / 8).float().mean(-1),           # nearest direction
@@ -594,16 +625,32 @@ def scores(out, labels, task, n_classes):
     pred = out.argmax(-1)
     return {"f1": 100 * weighted_f1(pred, labels, n_classes), "acc": 100 * (pred == labels).float().mean(-1)}
 
+def ridge(feats, Y, wd, chunk=1 << 14):
+    """Least squares with a penalty wd * |W|^2 per sample, for all S penalties at once: one
+    eigendecomposition of the features' (D, D) covariance, in float64, summed over chunks of rows.
+    feats (n, D), Y (n, d), wd (S,) -> W (S, D, d) and bias (S, 1, d) for centred-free use."""
+    n, mx, my = len(feats), feats.mean(0, dtype=torch.float64), Y.mean(0, dtype=torch.float64)
+    cov = sum((x.double() - mx).T @ (x.double() - mx) for x in feats.split(chunk)) / n       # (D, D)
+    xy = sum((x.double() - mx).T @ (y.double() - my) for x, y in zip(feats.split(chunk), Y.split(chunk))) / n
+    e, V = torch.linalg.eigh(cov)                                  # cov = V diag(e) V^T
+    W = V @ ((V.T @ xy) / (e[:, None] + wd.double()[:, None, None]))                     # (S, D, d)
+    return W.float(), (my - mx @ W).float()[:, None]
+
 def linear_eval(feats, labels, task, cfg):
     """Train one linear readout per weight decay 2^a (a in the sweep) on frozen train features,
     pick the best on validation, report it on test. Reach: (cos, sin) of the direction with MSE;
-    classes: cross-entropy. feats/labels: [train, val, test (, holes)] tensors."""
+    classes: cross-entropy, both for --eval-epochs of mini-batches (at most --eval-steps steps); a
+    continuous behaviour: ridge regression in closed form, scored with R². feats/labels: [train, val,
+    test (, holes)] tensors."""
     dev = feats[0].device
     if cfg.eval_wd_exponents:
         a, b = (int(v) for v in cfg.eval_wd_exponents.split(":"))
         wd = 2.0 ** torch.arange(a, b + 1, dtype=torch.float32, device=dev)          # (S,)
     else:
         wd = torch.zeros(1, device=dev)                            # App. C: no decay, no sweep
+    if task == "continuous":
+        W, bias = ridge(feats[0], labels[0], wd)
+        return pick(feats, labels, task, W, bias, wd, 0)
     S, D = len(wd), feats[0].shape[1]
     n_classes = 8 if task == "reach" else int(max(l.max() for l in labels if l is not None)) + 1
     O = 2 if task == "reach" else n_classes
@@ -616,7 +663,8 @@ def linear_eval(feats, labels, task, cfg):
     opt = (torch.optim.SGD([W, bias], lr=cfg.eval_lr, momentum=0.9) if milestones   # App. C
            else torch.optim.AdamW([W, bias], lr=cfg.eval_lr, weight_decay=0.0))   # App. D; decay below
     X, Y = feats[0], labels[0]
-    for epoch in range(cfg.eval_epochs):
+    batches = -(-len(X) // cfg.eval_batch_size)
+    for epoch in range(min(cfg.eval_epochs, -(-cfg.eval_steps // batches)) if cfg.eval_steps else cfg.eval_epochs):
         opt.param_groups[0]["lr"] = cfg.eval_lr * 0.1 ** sum(epoch >= m for m in milestones)
         for i in torch.randperm(len(X), generator=gen, device=X.device).split(cfg.eval_batch_size):
             out = X[i] @ W + bias                                  # (S, b, O)
@@ -627,14 +675,22 @@ def linear_eval(feats, labels, task, cfg):
                 W.mul_(1 - cfg.eval_lr * wd[:, None, None])
                 bias.mul_(1 - cfg.eval_lr * wd[:, None, None])
             opt.step()
-    with torch.no_grad():
-        val = scores(feats[1] @ W + bias, labels[1], task, n_classes) if feats[1] is not None else {}
-        tests = {name: scores(x @ W + bias, l, task, n_classes)        # dsprites: test and holes
-                 for name, x, l in zip(("test", "holes"), feats[2:], labels[2:])}
-    key = "f1" if task == "state" else "acc"
+    return pick(feats, labels, task, W.detach(), bias.detach(), wd, n_classes)
+
+def pick(feats, labels, task, W, bias, wd, n_classes):
+    """The readout of the weight decay best on validation, and its scores on test (and the holes)."""
+    val = scores(feats[1] @ W + bias, labels[1], task, n_classes) if feats[1] is not None else {}
+    tests = {name: scores(x @ W + bias, l, task, n_classes)        # dsprites: test and holes
+             for name, x, l in zip(("test", "holes"), feats[2:], labels[2:])}
+    key = KEY.get(task, "acc")
     best = int(torch.nan_to_num(val[key], nan=-1).argmax()) if val else 0
-    res = {f"{name}_{m}": round(float(v[best]), 2) for name, test in tests.items() for m, v in test.items()}
-    res.update({f"val_{m}": round(float(v[best]), 2) for m, v in val.items()})
+    digits = 4 if task == "continuous" else 2                     # R² a fraction, the rest in %
+
+    def at_best(v):                                                # a figure, or one a dimension
+        v = v[best].tolist()
+        return [round(x, digits) for x in v] if isinstance(v, list) else round(v, digits)
+    res = {f"{name}_{m}": at_best(v) for name, test in tests.items() for m, v in test.items()}
+    res.update({f"val_{m}": at_best(v) for m, v in val.items()})
     res["eval_weight_decay"] = float(wd[best])
     return res
 
@@ -805,22 +861,22 @@ def train_supervised(cfg, splits, device):
     best there is kept: the number of epochs is chosen on validation. Returns the encoder f."""
     data, val, task = splits[0], splits[1], splits[0].task
     torch.manual_seed(cfg.seed)
-    n_out = 2 if task == "reach" else int(data.labels.max()) + 1
+    n_out = {"reach": 2, "continuous": data.labels.shape[-1]}.get(task, int(data.labels.max()) + 1)
     f, D = encoder(cfg, data.x.shape[1], dropout=cfg.sup_dropout)
     model = nn.Sequential(f, nn.Linear(D, n_out)).to(device)
     opt = optimizer(cfg, model)
-    N, B = len(data), cfg.batch_size
-    steps_per_epoch, t0 = N // B, time.time()
-    total = cfg.epochs * steps_per_epoch
+    N, B, t0 = len(data), cfg.batch_size, time.time()
+    steps_per_epoch, epochs, total, warmup, _ = schedule(cfg, N)
     best, best_f = -math.inf, None
     if val is not None:                                       # early stopping, on validation only
-        x_val, key = val.inputs(torch.arange(len(val), device=device)), "f1" if task == "state" else "acc"
-    for epoch in range(cfg.epochs):
+        x_val, key = val.inputs(torch.arange(len(val), device=device)), KEY.get(task, "acc")
+    for epoch in range(epochs):
         loss_sum = torch.zeros((), device=device)
-        for it, s in enumerate(torch.randperm(N, device=device)[:steps_per_epoch * B].split(B)):
+        n_steps = min(steps_per_epoch, total - epoch * steps_per_epoch)          # the last may be short
+        for it, s in enumerate(torch.randperm(N, device=device)[:n_steps * B].split(B)):
             step = epoch * steps_per_epoch + it
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, cfg.warmup_epochs * steps_per_epoch, cfg.lr)
+                group["lr"] = lr_at(step, total, warmup, cfg.lr)
             x = augment(data, data.nearby(s), cfg, t_m=True)      # labelled views, jitter included
             loss = decoding_loss(model(x), data.labels[s], task)
             opt.zero_grad(set_to_none=True)
@@ -834,9 +890,9 @@ def train_supervised(cfg, splits, device):
                 model.train()
             if score > best:
                 best, best_f = score, copy.deepcopy(f.state_dict())
-        last = {"epoch": epoch + 1, "loss": loss_sum.item() / steps_per_epoch, "lr": group["lr"]}
-        if (epoch + 1) % (cfg.log_every or max(1, cfg.epochs // 20)) == 0:
-            print(f"epoch {epoch + 1:4d}/{cfg.epochs} | supervised loss {last['loss']:.4f} | "
+        last = {"epoch": epoch + 1, "loss": loss_sum.item() / n_steps, "lr": group["lr"]}
+        if (epoch + 1) % (cfg.log_every or max(1, epochs // 20)) == 0:
+            print(f"epoch {epoch + 1:4d}/{epochs} | supervised loss {last['loss']:.4f} | "
                   f"lr {last['lr']:.2e} | {(epoch + 1) * steps_per_epoch * B / (time.time() - t0):,.0f} "
                   f"samples/s" + (f" | best validation {best:.2f}" if val is not None else ""), flush=True)
     if best_f is not None:
@@ -937,6 +993,7 @@ RULES = {
     BELOW1: lambda v: 0 <= v < 1,
     "in (0, 1)": lambda v: 0 < v < 1,
     AREA: is_area,
+    SIZE: lambda v: not v or (lambda T, N: T >= 100 and N >= 1)(*(int(x) for x in v.split(","))),
     "four numbers 'b,c,s,h', each >= 0, hue h <= 0.5": is_jitter,
     "epochs 'm1,m2,...' (integers >= 1), or empty": lambda v: not v or min(int(m) for m in v.split(",")) >= 1,
     "'a:b' with integers a <= b, or empty": is_exponents,
@@ -995,19 +1052,20 @@ def check_fields(cfg):
     if cfg.dataset == "npz" and not (cfg.data_file.endswith(".npz") and os.path.isfile(cfg.data_file)):
         raise ConfigError(f"--data-file {cfg.data_file!r}: --dataset npz needs an existing .npz file "
                           f"(README: your own recording)")
+    if cfg.dataset == "phy" and not os.path.isdir(cfg.data_file):
+        raise ConfigError(f"--data-file {cfg.data_file!r}: --dataset phy needs the folder Kilosort or Phy wrote")
+    if cfg.size and cfg.dataset != "synthetic":
+        raise ConfigError(f"--size {cfg.size!r}: only --dataset synthetic takes a size")
 
 def available_memory(device):
-    """Bytes free on the GPU, or available to this process on the CPU (None where unknown)."""
+    """Bytes free on the GPU, or available on the CPU (Linux's MemAvailable; None where unknown)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
-        with open("/proc/meminfo") as fh:                                  # Linux
+        with open("/proc/meminfo") as fh:
             return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")      # macOS: all of it
-        except (AttributeError, ValueError, OSError):
-            return None
+        return None
 
 SIZING = ("batch_size", "pool_size", "eval_batch_size", "hidden", "rep_dim", "proj_hidden", "proj_dim",
           "pred_hidden", "image_size")                    # the settings that size tensors
@@ -1058,10 +1116,11 @@ def check_config(cfg, data, world):
                           f"and must divide by the {world} processes")
     if cfg.method == "myow":
         L = pool_size(cfg)
-        # candidates each anchor may ever mine among the training samples, by the mask (App. B)
+        # candidates each anchor may ever mine among the training samples, by the mask (App. B), in
+        # chunks of candidates: 256 anchors x a million samples would be 2 GB at once
         every = torch.arange(len(data), device=data.x.device)
-        some = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:1024].to(every.device)
-        typical = int(data.allowed(some, every).sum(1).median())
+        some = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:256].to(every.device)
+        typical = int(sum(data.allowed(some, c).sum(1) for c in every.split(1 << 14)).median())
         if not 1 <= cfg.k <= min(L, typical):
             raise ConfigError(f"--k {cfg.k} is larger than the eligible pool: L = {L} candidates, and "
                               f"the mask (--min-gap-s {cfg.min_gap_s}) leaves a typical anchor {typical} "
@@ -1117,13 +1176,13 @@ def end_of_epoch(cfg, epoch, stats, sched, saved, signalled, book):
     loss, the log record, the monitor, the checkpoint, and a stop when a signal came (every rank
     stops at the same epoch). Returns the log record."""
     model, target, opt, index_gen = saved
-    rank, world, steps_per_epoch = book["rank"], book["world"], book["steps"]
+    rank, world, steps, epochs = book["rank"], book["world"], sched["steps"], book["epochs"]
     stop = torch.tensor(float(signalled[0] if signalled else 0), device=stats.device)
     if world > 1:                             # every rank stops together; logs cover all ranks
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         dist.all_reduce(stats)
         stats[:3] /= world
-    st = (stats / steps_per_epoch).tolist()
+    st = (stats / steps).tolist()
     if not all(map(math.isfinite, st[:3])):   # a NaN or inf anywhere in the epoch stays in its mean
         raise FloatingPointError(f"non-finite loss in epoch {epoch + 1} (mean loss {st[0]:.4g}: "
                                  f"augmented-view loss {st[1]:.4g}, mined-view loss {st[2]:.4g}, "
@@ -1131,16 +1190,16 @@ def end_of_epoch(cfg, epoch, stats, sched, saved, signalled, book):
     mining = cfg.method == "myow"
     last = {"epoch": epoch + 1, "loss": st[0], "loss_aug": st[1], "loss_mined": st[2] if mining else None,
             "lr": sched["lr"], "tau": sched["tau"], "lambda": sched["lam"], "mining_class_acc": None}
-    if mining and book["labelled"]:                           # App. F: mined views of the anchor's label
+    if mining and book["classes"]:                            # App. F: mined views of the anchor's label
         last["mining_class_acc"] = 100 * stats[3].item() / max(1, stats[4].item())
     if book["monitor"] and rank == 0 and (epoch + 1) % cfg.eval_every == 0:
         last["knn_acc"] = book["monitor"](model.net.f)
     if rank == 0:
-        shown = (epoch + 1) % (cfg.log_every or max(1, cfg.epochs // 20)) == 0 or epoch + 1 == cfg.epochs
+        shown = (epoch + 1) % (cfg.log_every or max(1, epochs // 20)) == 0 or epoch + 1 == epochs
         done, elapsed = epoch + 1 - book["start"], time.time() - book["t0"]
-        book["log"](last, print_line=shown, rate=done * steps_per_epoch * cfg.batch_size / elapsed,
-                    eta=elapsed / done * (cfg.epochs - epoch - 1))
-    if cfg.out and (stop or (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs):
+        book["log"](last, print_line=shown, rate=done * steps * cfg.batch_size / elapsed,
+                    eta=elapsed / done * (epochs - epoch - 1), epochs=epochs)
+    if cfg.out and (stop or (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == epochs):
         state = {"model": model.state_dict(), "target": target.state_dict(), "opt": opt.state_dict(),
                  "epoch": epoch + 1, "last": last, "rng": rng_states(index_gen),
                  "config": dataclasses.asdict(cfg), "conditions": conditions(stats.device)}
@@ -1285,7 +1344,7 @@ def load_encoder(path, device="cpu"):
 def make_logger(cfg):
     path = os.path.join(cfg.out, "log.jsonl") if cfg.out else None
 
-    def log(rec, print_line, rate, eta):
+    def log(rec, print_line, rate, eta, epochs):
         if path:
             try:
                 with open(path, "a") as fh:
@@ -1296,7 +1355,7 @@ def make_logger(cfg):
             mined = f" mined {rec['loss_mined']:.3f}" if rec["loss_mined"] is not None else ""
             if rec["mining_class_acc"] is not None:       # mined views sharing the anchor's label
                 mined += f" | class-acc {rec['mining_class_acc']:.1f}%"
-            print(f"epoch {rec['epoch']:4d}/{cfg.epochs} | loss {rec['loss']:.3f} (aug {rec['loss_aug']:.3f}"
+            print(f"epoch {rec['epoch']:4d}/{epochs} | loss {rec['loss']:.3f} (aug {rec['loss_aug']:.3f}"
                   f"{mined}) | lr {rec['lr']:.2e} tau {rec['tau']:.4f} lambda {rec['lambda']:.2f} | "
                   + (f"k-NN {rec['knn_acc']:.2f}% | " if "knn_acc" in rec else "")
                   + f"{rate:,.0f} samples/s | ETA {eta:.0f}s", flush=True)
@@ -1336,6 +1395,24 @@ def prepare_out(cfg, rank):
         write_atomic(os.path.join(cfg.out, "config.json"), config.encode())
     return state
 
+def seconds_per_step(cfg, data, device):
+    """One training step's time, measured on a throwaway copy of the setup (train seeds every random
+    stream itself: this changes no result). None where it would cost a compile or a collective."""
+    if cfg.compile or dist.is_initialized() or cfg.method not in ("myow", "byol"):
+        return None
+    nets = setup_training(cfg, data, device)[3]
+    s, c = (torch.arange(n, device=device) % len(data) for n in (cfg.batch_size, pool_size(cfg)))
+    for _ in range(2):                                   # the first step pays one-off costs
+        t = time.time()
+        myow_step(cfg, data, nets, s, c, 1.0, 0, 1)[0].backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return time.time() - t
+
+def peak_host_mb():                                   # the largest resident memory so far (Linux: KiB)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
+
 def tsv(feats):                                      # (n, D) -> the projector's embeddings.tsv
     text = io.StringIO()
     np.savetxt(text, feats, delimiter="\t", fmt="%.5g")
@@ -1361,17 +1438,22 @@ def run(cfg):
     if rank == 0 and state and state.get("conditions", conditions(device)) != conditions(device):
         print(f"note: the checkpoint was written with {state['conditions']}, this run has {conditions(device)}: "
               f"it goes on, but will not end bit-identical to an uninterrupted run", file=sys.stderr)
+    per_epoch, epochs, steps = schedule(cfg, len(splits[0] if cfg.method == "supervised" else pretrain))[:3]
+    plan = f"; {steps:,} steps ({epochs:,} epochs of {per_epoch:,})" if cfg.method != "raw" else ""
+    step_s = seconds_per_step(cfg, pretrain, device)
+    if step_s:                                     # said before the run: a long one can be stopped now
+        plan += f", about {step_s * steps / 60:.1f} min" if step_s * steps > 120 else f", about {step_s * steps:.0f} s"
     if rank == 0:
         print(f"{cfg.dataset}: {about}, splits {[len(s) for s in splits if s]}, {cfg.method} on "
-              f"{world} x {device}", flush=True)
+              f"{world} x {device}{plan}", flush=True)
     t0 = time.time()
     if cfg.method == "supervised":
         f, last = train_supervised(cfg, splits, device), {"mining_class_acc": None}
     elif cfg.method == "raw":                  # the floor: the same readout on the inputs themselves
         f, last = nn.Flatten(), {"mining_class_acc": None}
     else:
-        monitor = ((lambda f: knn_accuracy(f, splits[0], splits[2]))
-                   if cfg.eval_every and splits[0].labels is not None else None)
+        classes = splits[0].labels is not None and not splits[0].labels.is_floating_point()
+        monitor = (lambda f: knn_accuracy(f, splits[0], splits[2])) if cfg.eval_every and classes else None
         model, last = train(cfg, pretrain, device, make_logger(cfg), rank, world, state, monitor)
         f = model.net.f
     train_seconds = time.time() - t0
@@ -1385,10 +1467,13 @@ def run(cfg):
     if splits[0].task == "class" and splits[0].coarse is not None:          # CIFAR-20 (Table 1)
         coarse = [l if l is None else splits[0].coarse[l] for l in labels]
         metrics["test_acc_cifar20"] = linear_eval(feats, coarse, "class", cfg)["test_acc"]
-    result = {"dataset": cfg.dataset, "method": cfg.method, "seed": cfg.seed, "epochs": cfg.epochs,
+    result = {"dataset": cfg.dataset, "method": cfg.method, "seed": cfg.seed, "epochs": epochs,
               **metrics, "mining_class_acc": last["mining_class_acc"], "knn_acc": last.get("knn_acc"),
               "world_size": world, "train_seconds": round(train_seconds, 2),
-              "eval_seconds": round(time.time() - t0, 2), "total_seconds": round(time.time() - t_start, 2)}
+              "eval_seconds": round(time.time() - t0, 2), "total_seconds": round(time.time() - t_start, 2),
+              "steps": steps * (cfg.method != "raw"), "peak_host_mb": round(peak_host_mb())}
+    if device.type == "cuda":
+        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)
     if cfg.out:
         if cfg.method != "raw":                                    # raw has no encoder to keep
             save_encoder(os.path.join(cfg.out, "encoder.pt"), f, cfg, pretrain)

@@ -10,6 +10,7 @@ Published files (Azabou et al. 2021, data of nerdslab/myow-neuro) are downloaded
 they are read with a restricted unpickler that admits only the handful of names they use.
 `load_neural` turns a recording into the split tensors training reads (`NeuralSplit`).
 """
+import ast
 import hashlib
 import io
 import math
@@ -34,8 +35,8 @@ class Recording:
     rates: np.ndarray       # (T, N) float32 firing rates in Hz, recording order
     trial: np.ndarray       # (T,) int64 trial id; a continuous recording is a single trial 0
     time: np.ndarray        # (T,) float64 seconds (from the trial's start for trial data)
-    labels: np.ndarray | None  # (T,) int64 behaviour class (reach direction 0..7, arousal state)
-    task: str               # 'reach' (labels are one of 8 directions), 'state' (classes) or 'none'
+    labels: np.ndarray | None  # (T,) int64 class (reach direction 0..7, arousal state), or (T, d)
+    task: str               # float32 behaviour: 'reach' (8 directions), 'state' (classes), 'continuous', 'none'
     bin_s: float            # bin width in seconds
 
 
@@ -214,7 +215,8 @@ def load_mouse(data_dir, download=True):
 
 def load_npz(path):
     """A user's recording: `firing_rates` (T, N) and `trial` ids or `time` stamps (s), optional
-    `labels` (T,) integer classes, optional `bin_s`. See the README for how to make one."""
+    `labels`: (T,) integer classes, or floats (T,) or (T, d) of a continuous behaviour (decoded with R²);
+    optional `bin_s`. See the README for how to make one."""
     if not os.path.exists(path):
         raise DataError(f"--data-file {path} does not exist")
     try:
@@ -232,17 +234,67 @@ def load_npz(path):
     bin_s = float(f.get("bin_s", 1.0))
     trial = np.asarray(f.get("trial", np.zeros(T)), np.int64)
     time = np.asarray(f["time"], np.float64) if "time" in f else _time_in_trial(trial) * bin_s
-    labels = np.asarray(f["labels"]).astype(np.int64) if "labels" in f else None
-    for k, v in (("trial", trial), ("time", time), ("labels", labels)):
-        if v is not None and v.shape != (T,):
+    for k, v in (("trial", trial), ("time", time)):
+        if v.shape != (T,):
             raise DataError(f"{k} in {path} has shape {v.shape}; expected ({T},) like firing_rates")
-    return Recording(os.path.basename(path), rates, trial, time, labels,
-                     "state" if labels is not None else "none", bin_s)
+    labels, task = f.get("labels"), "none"
+    if labels is not None:
+        continuous = labels.dtype.kind == "f"                  # a behaviour, decoded with R²
+        if labels.shape[:1] != (T,) or labels.ndim > 1 + continuous:
+            raise DataError(f"labels in {path} has shape {labels.shape}; expected ({T},) integer classes, "
+                            f"or ({T},) or ({T}, d) floats")
+        labels = labels.reshape(T, -1).astype(np.float32) if continuous else labels.astype(np.int64)
+        task = "continuous" if continuous else "state"
+    return Recording(os.path.basename(path), rates, trial, time, labels, task, bin_s)
 
 
 def _time_in_trial(trial):
     start = np.r_[0, np.flatnonzero(np.diff(trial)) + 1]       # first bin of each trial
     return np.arange(len(trial)) - np.repeat(start, np.diff(np.r_[start, len(trial)]))
+
+
+def load_phy(folder, bin_s, groups=("good",)):
+    """A spike sorter's output (Kilosort / Phy folder) binned at `bin_s` s: spike_times.npy (samples),
+    spike_clusters.npy (else spike_templates.npy), cluster_group.tsv (curated; else cluster_KSLabel.tsv)
+    naming each cluster good / mua / noise, params.py with sample_rate. Units of `groups` only, in
+    cluster-id order; params.py is read as data (Phy's reader executes it). One continuous trial."""
+    def path(*names):
+        found = [os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))]
+        if not found:
+            raise DataError(f"{folder} holds no {' or '.join(names)}: give the folder Kilosort or Phy wrote")
+        return found[0]
+    params = {}
+    for line in open(path("params.py")):
+        key, _, value = line.partition("=")
+        try:
+            params[key.strip()] = ast.literal_eval(value.strip())   # literals only: nothing runs
+        except (ValueError, SyntaxError):
+            pass
+    if not isinstance(params.get("sample_rate"), (int, float)) or params["sample_rate"] <= 0:
+        raise DataError(f"{path('params.py')} gives no sample_rate (a number of samples per second)")
+    samples = np.load(path("spike_times.npy"), allow_pickle=False).ravel().astype(np.int64)
+    clusters = np.load(path("spike_clusters.npy", "spike_templates.npy"), allow_pickle=False).ravel()
+    with open(path("cluster_group.tsv", "cluster_KSLabel.tsv")) as fh:
+        rows = [line.replace(",", "\t").split() for line in fh][1:]            # tab or comma, a header
+    units = np.array(sorted(int(r[0]) for r in rows if len(r) > 1 and r[1] in groups), np.int64)
+    if len(samples) != len(clusters) or not len(units) or samples.min(initial=0) < 0:
+        raise DataError(f"{folder}: {len(samples)} spike times, {len(clusters)} cluster ids and {len(units)} "
+                        f"units labelled {' or '.join(groups)}; the files do not belong together")
+    unit = np.searchsorted(units, clusters)                      # position of each spike's unit
+    mine = (unit < len(units)) & (units[np.minimum(unit, len(units) - 1)] == clusters)
+    per_bin = float(params["sample_rate"]) * bin_s               # samples a bin: whole samples are
+    per_bin = round(per_bin) if abs(per_bin - round(per_bin)) < 1e-6 else per_bin   # divided as integers
+    b = (samples[mine] // per_bin).astype(np.int64)              # bins from the recording's first sample
+    order = np.argsort(b, kind="stable")                         # sorted already, as Kilosort writes them
+    b, unit, n, T = b[order], unit[mine][order], len(units), int(samples.max() // per_bin) + 1
+    rates = np.empty((T, n), np.float32)
+    for a in range(0, T, 1 << 14):                              # counts in chunks of bins: int64 counts
+        lo, hi = np.searchsorted(b, [a, a + (1 << 14)])          # of a whole session would be 2 x the rates
+        rates[a:a + (1 << 14)] = np.bincount((b[lo:hi] - a) * n + unit[lo:hi],
+                                             minlength=min(1 << 14, T - a) * n).reshape(-1, n)
+    rates /= bin_s
+    return Recording(os.path.basename(os.path.normpath(folder)), rates, np.zeros(T, np.int64),
+                     np.arange(T) * bin_s, None, "none", bin_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,13 +327,37 @@ def synthetic_reach(seed=0, n_trials=240, n_neurons=96, bin_s=0.1):
                      np.concatenate(time), np.array(labels), "reach", bin_s)
 
 
+def synthetic_session(n_bins, n_neurons, seed=0, bin_s=0.01, chunk=1 << 16):
+    """A laboratory's session at scale, with known structure: one continuous recording of n_bins bins
+    of 10 ms from n_neurons Poisson neurons tuned to a smooth 2-D velocity (sums of slow sinusoids,
+    0.05-0.5 Hz), rate = gain(t) * (baseline + depth * (v . preferred direction)), the gain drifting
+    over 10 min. labels: the velocity (T, 2), decoded with R². Built in chunks, float32."""
+    rng = np.random.default_rng(seed)
+    preferred = rng.normal(size=(2, n_neurons)).astype(np.float32)
+    preferred /= np.linalg.norm(preferred, axis=0)
+    baseline, depth = rng.uniform(2, 15, n_neurons), rng.uniform(5, 25, n_neurons)   # Hz
+    freq, phase = rng.uniform(0.05, 0.5, (2, 8)), rng.uniform(0, 2 * np.pi, (2, 8))
+    t = np.arange(n_bins) * bin_s
+    v = np.stack([np.sin(2 * np.pi * t[:, None] * f + p).sum(1) / 2 for f, p in zip(freq, phase)], 1)
+    gain = 1 + 0.4 * np.sin(2 * np.pi * t / 600 + rng.uniform(0, 2 * np.pi))
+    rates = np.empty((n_bins, n_neurons), np.float32)
+    for a in range(0, n_bins, chunk):
+        lam = gain[a:a + chunk, None] * (baseline + depth * (v[a:a + chunk] @ preferred))
+        rates[a:a + chunk] = rng.poisson(np.clip(lam, 0, None) * bin_s) / bin_s
+    return Recording("synthetic", rates, np.zeros(n_bins, np.int64), t, v.astype(np.float32), "continuous", bin_s)
+
+
 def validate(rec):
-    """Refuse non-finite rates and labels that are not classes 0, 1, 2, ... (reach: 0..7)."""
-    if not np.isfinite(rec.rates).all():
-        t, n = np.argwhere(~np.isfinite(rec.rates))[0]
-        raise DataError(f"{rec.name}: firing rate at bin {t}, neuron {n} is {rec.rates[t, n]}; "
-                        f"remove or interpolate non-finite values")
-    if rec.labels is not None:
+    """Refuse non-finite rates or behaviour and labels that are not classes 0, 1, 2, ... (reach: 0..7).
+    In chunks of bins: a copy of a large recording would cost more than the recording."""
+    for name, values, column in (("firing rate", rec.rates, "neuron"), ("behaviour", rec.labels, "dimension")):
+        for start in range(0, len(values) if values is not None and values.dtype.kind == "f" else 0, 1 << 16):
+            bad = np.argwhere(~np.isfinite(values[start:start + (1 << 16)]))   # (T, N) or (T, d)
+            if len(bad):
+                t, n = bad[0, 0] + start, bad[0, 1]
+                raise DataError(f"{rec.name}: {name} at bin {t}, {column} {n} is {values[t, n]}; "
+                                f"remove or interpolate non-finite values")
+    if rec.labels is not None and rec.task != "continuous":
         bad = (rec.labels < 0) | ((rec.labels > 7) & (rec.task == "reach"))
         if bad.any():
             raise DataError(f"{rec.name}: label {rec.labels[bad][0]} is out of range; labels must be "
@@ -293,15 +369,20 @@ def projector_metadata(rec, split_idx):
     """metadata.tsv of the TensorBoard embedding projector for the rows of embeddings.tsv: one row a
     bin, in the order of `split_idx` (train, val, test indices into the recording), one header line."""
     label = {"reach": "direction", "state": "state"}.get(rec.task, "label")
-    rows = [f"{name}\t{rec.trial[i]}\t{rec.time[i]:.2f}\t{'' if rec.labels is None else int(rec.labels[i])}\n"
+    value = (lambda i: "") if rec.labels is None else lambda i: ",".join(f"{v:g}" for v in np.ravel(rec.labels[i]))
+    rows = [f"{name}\t{rec.trial[i]}\t{rec.time[i]:.2f}\t{value(i)}\n"
             for name, idx in zip(("train", "val", "test"), split_idx) for i in idx]
     return f"split\ttrial\ttime_s\t{label}\n" + "".join(rows)
 
 
-def load_recording(name, data_dir="data", data_file=None, seed=0, download=True):
-    """The recording called `name` (synthetic, chewie1, chewie2, mihi1, mouse, npz)."""
+def load_recording(name, data_dir="data", data_file=None, seed=0, download=True, size="", bin_s=0.01,
+                   units="good"):
+    """The recording called `name` (synthetic, chewie1, chewie2, mihi1, mouse, npz, phy); synthetic with
+    a size 'T,N' is a continuous session (synthetic_session)."""
     if name == "synthetic":
-        return synthetic_reach(seed)
+        return synthetic_session(*map(int, size.split(",")), seed) if size else synthetic_reach(seed)
+    if name == "phy":
+        return load_phy(data_file, bin_s, units.split(","))
     if name in REACH:
         return load_reach(fetch(REACH[name], data_dir, download), name)
     if name == "mouse":
@@ -310,7 +391,7 @@ def load_recording(name, data_dir="data", data_file=None, seed=0, download=True)
         if not data_file:
             raise DataError("--dataset npz needs --data-file PATH.npz (see README, 'Your own recording')")
         return load_npz(data_file)
-    raise DataError(f"unknown neural dataset {name!r}; choose synthetic, chewie1, chewie2, mihi1, mouse or npz")
+    raise DataError(f"unknown neural dataset {name!r}; choose synthetic, chewie1, chewie2, mihi1, mouse, npz or phy")
 
 
 
@@ -322,7 +403,7 @@ class NeuralSplit:
     with what temporal jitter (Appendix J) and the mining mask (Appendix B) need."""
 
     def __init__(self, rec, idx, keep, mean, std, jitter_s, min_gap_s, device):
-        self.x = torch.as_tensor(rec.rates[idx][:, keep], device=device)          # (N, units) Hz
+        self.x = torch.as_tensor(rec.rates[rows(idx)], device=device)            # (N, units) Hz
         self.keep = keep                                   # (neurons,) bool: not silent in training
         self.mean, self.std = mean.to(device), std.to(device)       # (units,) of what training sees
         self.labels = None if rec.labels is None else torch.as_tensor(rec.labels[idx], device=device)
@@ -349,12 +430,19 @@ class NeuralSplit:
         return mining_mask(self.axis[s], self.axis[c], self.min_gap_s)
 
 
+def rows(idx):
+    """A split's sample indices as a slice where they are contiguous, as splits in recording order are:
+    indexing then gives a view of the recording, not a copy (a large recording is one copy in memory)."""
+    return slice(idx[0], idx[-1] + 1) if len(idx) and idx[-1] - idx[0] + 1 == len(idx) else idx
+
+
 def load_neural(cfg, device):
     """The recording, its [train, val, test] splits, their sample indices, and the split that
     self-supervised training sees (train, or train + val without labels: --pretrain-on).
     A continuous recording (one trial) has no other trials to mine: with --min-gap-s inf its mask
     keeps samples 1/24 of its length apart (App. D.2: 30 min of 12 h)."""
-    rec = validate(load_recording(cfg.dataset, cfg.data_dir, cfg.data_file))
+    rec = validate(load_recording(cfg.dataset, cfg.data_dir, cfg.data_file, size=cfg.size, bin_s=cfg.bin_s,
+                                  units=cfg.units))
     idx = temporal_split(rec.trial)
     seen = np.concatenate(idx[:2]) if cfg.pretrain_on == "train+val" else idx[0]   # labels unused
     gap = cfg.min_gap_s
@@ -362,10 +450,12 @@ def load_neural(cfg, device):
         gap = float(rec.time.max() - rec.time.min()) / 24
     # z-scored with the statistics of the samples training sees (never test), as the authors' code;
     # on Mouse-CA1 validation +0.8 F1 over train-only statistics (README)
-    rates = rec.rates[seen]
+    rates = rec.rates[rows(seen)]
     std = rates.std(0)
     keep = std > 0          # neurons silent throughout training carry nothing (data README)
     mean, std = torch.as_tensor(rates.mean(0)[keep]), torch.as_tensor(std[keep])
+    if not keep.all():
+        rec.rates = rec.rates[:, keep]                          # one copy, once; the full one goes
     splits = [NeuralSplit(rec, i, keep, mean, std, cfg.jitter_s, gap, device) for i in idx]
     pretrain = splits[0]
     if cfg.pretrain_on == "train+val":

@@ -410,6 +410,102 @@ def test_npz_recording_round_trip(tmp_path):
         nd.load_recording("npz", data_file=str(tmp_path / "bad.npz"))
 
 
+def write_phy(folder, samples, clusters, groups, params, table="cluster_group.tsv", sep="\t"):
+    folder.mkdir()
+    np.save(folder / "spike_times.npy", np.asarray(samples, np.uint64)[:, None])    # Kilosort: (n, 1) uint64
+    np.save(folder / "spike_clusters.npy", np.asarray(clusters, np.int32))
+    (folder / table).write_text(f"cluster_id{sep}group\n" + "".join(f"{c}{sep}{g}\n" for c, g in groups.items()))
+    (folder / "params.py").write_text(params)
+
+
+def test_a_phy_folder_bins_to_exactly_the_spikes_of_its_units(tmp_path):
+    """Kilosort / Phy output in, counts out: every spike of a good unit in its 10 ms bin, by brute force
+    on integer samples (30 kHz: 300 a bin), spikes on the edges included; mua only when asked; params.py
+    read as data, never run."""
+    rng = np.random.default_rng(0)
+    clusters = rng.choice([2, 3, 7, 11], 5000)
+    samples = np.sort(np.r_[rng.integers(0, 3_000_000, 4990), [0, 300, 900, 2999, 3000, 29_999, 30_000,
+                                                                 60_300, 90_000, 3_000_299]])
+    groups = {2: "good", 3: "good", 7: "mua", 11: "noise"}
+    params = ("dat_path = 'raw.bin'\nn_channels_dat = 385\ndtype = 'int16'\noffset = 0\nsample_rate = 30000.\n"
+              f"hp_filtered = False\n__import__('os').system('touch {tmp_path}/ran')\n")
+    write_phy(tmp_path / "ks", samples, clusters, groups, params)
+    write_phy(tmp_path / "ks2", samples, clusters, groups, params, "cluster_KSLabel.tsv", ",")   # comma, KS labels
+    for folder, wanted, units in ((tmp_path / "ks", ("good",), [2, 3]), (tmp_path / "ks2", ("good", "mua"), [2, 3, 7])):
+        rec = nd.load_phy(str(folder), 0.01, wanted)
+        truth = np.zeros((3_000_299 // 300 + 1, len(units)), np.float32)
+        for t, c in zip(samples, clusters):
+            if c in units:
+                truth[t // 300, units.index(c)] += 1
+        assert rec.rates.shape == truth.shape and np.array_equal(rec.rates * 0.01, truth), folder
+        assert rec.rates.sum() * 0.01 == sum(c in units for c in clusters) and rec.task == "none"
+        np.testing.assert_allclose(rec.time[:3], [0, 0.01, 0.02])
+    assert not (tmp_path / "ran").exists()                              # the hostile line did not run
+    (tmp_path / "ks" / "params.py").write_text("sample_rate = __import__('os').getpid()\n")
+    with pytest.raises(nd.DataError, match="no sample_rate"):
+        nd.load_phy(str(tmp_path / "ks"), 0.01)
+    p = run_cli("--dataset", "phy", "--data-file", str(tmp_path / "ks2"), "--units", "good,mua", "--steps", "3")
+    assert p.returncode == 0 and "10001 bins x 3 neurons" in p.stdout, p.stderr
+
+
+def test_a_continuous_behaviour_is_decoded_with_r2_and_a_trained_encoder_beats_an_untrained_one(tmp_path):
+    """labels of floats, (T,) or (T, d), are a behaviour: read out by ridge regression, scored with
+    R² per dimension and on average (on validation the penalty is chosen), in the JSON line."""
+    rec = nd.synthetic_session(20000, 40)                           # 2-D velocity encoded by 40 neurons
+    np.savez(tmp_path / "v.npz", firing_rates=rec.rates, time=rec.time, labels=rec.labels)
+    np.savez(tmp_path / "speed.npz", firing_rates=rec.rates, time=rec.time, labels=np.linalg.norm(rec.labels, axis=1))
+    assert nd.load_recording("npz", data_file=str(tmp_path / "speed.npz")).labels.shape == (20000, 1)
+    cfg = myow.parse_config(["--dataset", "npz", "--data-file", str(tmp_path / "v.npz"), "--steps", "300"])
+    _, splits, _, pretrain = nd.load_neural(cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    untrained = myow.build_networks(cfg, pretrain)[0].net.f
+    trained = myow.train(cfg, pretrain, torch.device("cpu"), lambda *a, **k: None)[0].net.f
+    r2 = {name: myow.linear_eval(myow.representations(f, splits), [s.labels for s in splits], "continuous", cfg)
+          for name, f in (("untrained", untrained), ("trained", trained))}
+    assert r2["trained"]["test_r2"] > r2["untrained"]["test_r2"] + 0.3 and r2["trained"]["test_r2"] > 0.5, r2
+    assert r2["trained"]["test_r2"] == pytest.approx(np.mean(r2["trained"]["test_r2_dims"]), abs=1e-4)
+    p = run_cli("--dataset", "npz", "--data-file", str(tmp_path / "v.npz"), "--steps", "20")
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(res["test_r2_dims"]) == 2 and -1 < res["test_r2"] < 1 and res["steps"] == 20, p.stderr
+
+
+def test_ridge_readout_is_the_penalised_least_squares_solution():
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(500, 6, generator=g) + 3, torch.randn(500, 2, generator=g)
+    wd = torch.tensor([0.0, 0.5, 8.0])
+    W, bias = myow.ridge(X, Y, wd)
+    for k, lam in enumerate(wd.tolist()):                    # brute force: the normal equations, centred
+        Xc, Yc = (X - X.mean(0)).double(), (Y - Y.mean(0)).double()
+        w = torch.linalg.solve(Xc.T @ Xc / 500 + lam * torch.eye(6, dtype=torch.float64), Xc.T @ Yc / 500)
+        torch.testing.assert_close(W[k], w.float(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(X @ W[k] + bias[k], (Xc @ w).float() + Y.mean(0), rtol=1e-4, atol=1e-4)
+
+
+def test_a_run_is_steps_or_epochs_and_a_large_recording_gets_a_budget_of_steps():
+    """--steps sets the length; without it a neural run is --epochs passes up to 20,000 steps, which
+    the published recordings never reach (Chewie-1 1,000 steps, Mouse-CA1 16,000) and a session of a
+    million bins does; warm-up and ramp keep their share of the run."""
+    cfg = myow.parse_config(["--dataset", "chewie1"])
+    assert myow.schedule(cfg, 734) == (1, 1000, 1000, 100, 10)               # Chewie-1: App. D as written
+    assert myow.schedule(myow.parse_config(["--dataset", "mouse"]), 8640) == (16, 1000, 16000, 1600, 160)
+    assert myow.schedule(cfg, 1_000_000) == (1953, 11, 20000, 2000, 200)     # a laboratory's session
+    assert myow.schedule(myow.parse_config(["--steps", "5000"]), 1_000_000)[1:3] == (3, 5000)
+    assert myow.schedule(myow.parse_config(["--dataset", "cifar10"]), 50000)[2] == 800 * 97   # images: no cap
+    logged = []
+    cfg = myow.parse_config(["--steps", "7", "--batch-size", "256"])
+    pretrain = nd.load_neural(cfg, torch.device("cpu"))[3]
+    myow.train(cfg, pretrain, torch.device("cpu"), lambda rec, **kw: logged.append((rec["epoch"], kw["epochs"])))
+    assert logged == [(1, 2), (2, 2)] and len(pretrain) // 256 == 5        # 5 steps, then 2 of the next epoch
+
+
+def test_splits_are_views_of_one_copy_of_the_recording():
+    """A recording in memory once: the splits training and evaluation read are views of it."""
+    cfg = myow.parse_config(["--size", "5000,30"])
+    rec, splits, _, pretrain = nd.load_neural(cfg, torch.device("cpu"))
+    for s in splits + [pretrain]:
+        assert np.shares_memory(s.x.numpy(), rec.rates)
+
+
 # --- the command line -------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["myow", "byol"])
 def test_cli_trains_and_prints_json(method, tmp_path):
@@ -867,7 +963,7 @@ def test_bad_inputs_each_get_one_clear_line(tmp_path):
     np.savez(tmp_path / "nan.npz", firing_rates=rates, time=np.arange(400.0))
     one_line_error(run_cli("--dataset", "npz", "--data-file", str(tmp_path / "nan.npz")), "bin 17, neuron 3", "nan")
     np.savez(tmp_path / "lab.npz", firing_rates=np.nan_to_num(rates), time=np.arange(400.0),
-             labels=np.r_[np.zeros(399), -1])
+             labels=np.r_[np.zeros(399, np.int64), -1])
     one_line_error(run_cli("--dataset", "npz", "--data-file", str(tmp_path / "lab.npz")), "label -1")
 
 
