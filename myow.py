@@ -10,18 +10,14 @@ network's representation space, predicted through a second, cascaded projector/p
     python myow.py --dataset mouse --data-dir ../shared/data    # mouse CA1 state (Fig. 4), CPU: 4 min
     python myow.py --dataset chewie1 --method byol              # the same code without mining
     python myow.py --dataset fashion-mnist --data-dir ../shared/data   # real images, CPU: 11-13 min
-    python myow.py --dataset dsprites --train-fraction 0.075 --epochs 48  # App. I's holes, no download
+    python myow.py --size 1000000,200                           # a synthetic 1M-bin session, CPU: 10 min
     python myow.py --dataset cifar10 --epochs 800 --download    # Table 1, Appendix C, one GPU
-    torchrun --nproc_per_node 4 myow.py --dataset cifar10       # several GPUs; B and L are global
+    python myow.py --dataset cifar10 --nproc-per-node 4         # several GPUs; B and L are global
 
-With --out DIR a run keeps its config, log, checkpoint, results and encoder.pt; in Python,
-`myow.load_encoder("DIR/encoder.pt")` maps raw firing rates or images to y = f(x).
-
-Expected (2 x86 CPU cores, mean over seeds 0-9, README): Chewie-1 Acc 68.6 (paper 70.5; BYOL
-68.3; a readout of the raw rates 57.1), Mouse-CA1 weighted F1 91.5 (paper 93.7; BYOL 91.2;
-raw rates 90.3); Fashion-MNIST 88.4 % over seeds 0-2 (BYOL 88.4, pixels 84.4; 1 min of training on
-one H100). One H100: the CIFAR-10 preset at 3.95 s an epoch (800 epochs in 53 min); its accuracy is
-not yet measured. The last line on stdout is one JSON object with the metrics (in %) and the seconds spent.
+Expected (2 x86 CPU cores, README): Chewie-1 Acc {{C1_MYOW}} over seeds 0-19 (paper 70.5; BYOL {{C1_BYOL}};
+the raw rates 57.1), Mouse-CA1 weighted F1 {{MO_MYOW}} over seeds 0-4 (paper 93.7; BYOL {{MO_BYOL}}); Fashion-MNIST
+88.4 % (BYOL 88.4, pixels 84.4). The last line on stdout is one JSON object with the metrics; with
+--out DIR, `myow.load_encoder("DIR/encoder.pt")` maps raw firing rates or images to y = f(x).
 
 The method comes first, in the order data flows (configuration, augmentations, networks, mining and
 the target update, the training step and loop, linear evaluation); the plumbing that makes it a tool
@@ -44,15 +40,13 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 
-def stopped_at_start(signum, frame):
-    print(f"stopped: {signal.Signals(signum).name} during start-up; nothing was kept yet; the same command "
-          f"starts again: {shlex.join(['python', *sys.argv])}", file=sys.stderr, flush=True)
-    os._exit(128 + signum)
-
-
 if __name__ == "__main__":          # Ctrl-C or SIGTERM while torch loads (seconds): one line, no traceback
-    signal.signal(signal.SIGINT, stopped_at_start)
-    signal.signal(signal.SIGTERM, stopped_at_start)
+    def stopped_at_start(signum, frame):
+        print(f"stopped: {signal.Signals(signum).name} during start-up; nothing was kept yet; the same "
+              f"command starts again: {shlex.join(['python', *sys.argv])}", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stopped_at_start)
 
 import numpy as np
 import torch
@@ -75,8 +69,9 @@ SIZE = "'T,N', integers T >= 100 and N >= 1, or empty"
 
 @dataclass
 class Config:
-    dataset: str = arg("synthetic", "neural: synthetic | chewie1 | chewie2 | mihi1 | mouse | npz | phy; images: "
-                       "dsprites | cifar10 | cifar100 | mnist | fashion-mnist | tiny-imagenet | random32",
+    dataset: str = arg("synthetic", "neural: synthetic | chewie1 | chewie2 | mihi1 | mouse | npz | phy; "
+                       "images: dsprites | cifar10 | cifar100 | mnist | fashion-mnist | tiny-imagenet | "
+                       "random32",
                        "a data set named in --help")
     data_dir: str = arg("data", "folder holding the published files (downloaded there if missing)", FREE)
     download: bool = arg(False, "images: let torchvision download the data set into --data-dir", FREE)
@@ -85,8 +80,7 @@ class Config:
     units: str = arg("good", "--dataset phy: the units of these Phy groups", ("good", "good,mua"))
     size: str = arg("", "--dataset synthetic: 'T,N', a continuous session of T bins of 10 ms x N neurons "
                     "encoding a 2-D velocity (R², README: scale); empty: 240 reaches", SIZE)
-    train_fraction: float = arg(0.3, "dsprites: r, the fraction of the kept images training sees (App. I)",
-                                "in (0, 1)")
+    train_fraction: float = arg(0.3, "dsprites: r, the share of kept images trained on (App. I)", "in (0, 1)")
     method: str = arg("myow", "myow | byol (lambda = 0, no mining) | supervised (sec. 3.3) | raw (the floor)",
                       ("myow", "byol", "supervised", "raw"))
     seed: int = arg(0, "seed of initialisation, batches, augmentations and mining", "an integer in [0, 2^63)")
@@ -96,7 +90,7 @@ class Config:
     nproc_per_node: int = arg(1, "processes, one per GPU, started through torch's launcher (torchrun)", INT1)
     ckpt_every: int = arg(100, "write --out/checkpoint.pt every this many epochs, and at the end", INT1)
     # -- optimisation (Appendix D.1 "Training") --
-    epochs: int = arg(1000, "training epochs (App. D: 1000); neural data: at most 20,000 steps (README)", INT1)
+    epochs: int = arg(1000, "training epochs (App. D: 1000); neural: at most 20,000 steps (README)", INT1)
     steps: int = arg(0, "training steps in all, instead of --epochs; 0: --epochs", INT0)
     batch_size: int = arg(512, "B, anchors per step (App. D: 512)",
                           "an integer >= 2 (BatchNorm needs two samples)")
@@ -136,8 +130,8 @@ class Config:
     layout: str = arg("cascaded", "v = h(g(y)) cascaded (sec. 2.1), h(y) parallel, g(y) single (App. G)",
                       ("cascaded", "parallel", "single"))
     # -- augmentations for spiking data (Appendix D.1, J), drawn per sample --
-    jitter_s: float = arg(0.2, "temporal jitter: a sample of the same trial within this many s (App. D.1: "
-                          "0.2 s reach; D.2: 12 s sleep)", NONNEG)
+    jitter_s: float = arg(0.2, "temporal jitter: x' is a bin of the anchor's trial within this many s (App. "
+                          "D.1: 0.2 s reach; D.2: 12 s sleep)", NONNEG)
     dropout_max: float = arg(0.2, "dropout rate drawn uniformly in [0, this] per sample (App. D.1)", PROB)
     noise_std: float = arg(1.5, "std of additive Gaussian noise, Hz (App. D.1: 1.5)", NONNEG)
     noise_p: float = arg(0.5, "probability a sample gets Gaussian noise (App. D.1: 0.5)", PROB)
@@ -160,13 +154,11 @@ class Config:
     eval_milestones: str = arg("", "SGD readout: epochs dividing lr by 10 (App. C: 140,190)",
                                "epochs 'm1,m2,...' (integers >= 1), or empty")
     eval_batch_size: int = arg(512, "batch of the linear readout (not given in the paper)", INT1)
-    eval_steps: int = arg(3000, "the readout's epochs stop at this many steps (a large recording); 0: none",
-                          INT0)
+    eval_steps: int = arg(3000, "the readout stops at this many steps (a large recording); 0: none", INT0)
     eval_wd_exponents: str = arg("-10:10", "readout weight decays 2^a..2^b, chosen on validation (App. D); "
                                  "empty: none (App. C)", "'a:b' with integers a <= b, or empty")
     # -- supervised baseline (sec. 3.3: "weight regularization and dropout"; values not given) --
-    sup_dropout: float = arg(0.5, "dropout after each block of the supervised baseline's encoder (README)",
-                             BELOW1)
+    sup_dropout: float = arg(0.5, "dropout after each block of the supervised encoder (README)", BELOW1)
     # -- run --
     device: str = arg("auto", "auto (cuda if available), cpu or cuda", ("auto", "cpu", "cuda"))
     compile: bool = arg(False, "torch.compile the online and target networks", FREE)
@@ -179,14 +171,14 @@ class Config:
     save_mined_views: bool = arg(False, "images: write --out/mined_views.png, anchors and their k nearest "
                                  "(Fig. 2)", FREE)
 
-NEURAL_STEPS = 20000      # a neural run's steps without --steps (README: scale; App. D's Mouse-CA1: 16,000)
-
 # Per-dataset defaults in one table; a flag given on the command line always wins.
-MONKEY = {}                                     # Appendix D.1 = Config defaults (README "Choices")
+NEURAL_STEPS = 20000      # a neural run's steps without --steps (README: scale; App. D's Mouse-CA1: 16,000)
+MONKEY = {}                                     # Appendix D.1 = Config defaults (README "Departures")
 IMAGES = dict(optimizer="sgd", lr=0.03, weight_decay=5e-4, warmup_epochs=10, tau=0.996, epochs=800,
               pool="fresh", anchor_view="new", pretrain_on="train", pool_size=512, k=1, mining_weight=0.1,
               arch="resnet18", proj_hidden=4096, pred_hidden=4096, ckpt_every=10, eval_epochs=200,
-              eval_lr=0.4, eval_milestones="140,190", eval_wd_exponents="", eval_every=10, eval_steps=0)  # App. B, C
+              eval_lr=0.4, eval_milestones="140,190", eval_wd_exponents="", eval_every=10,
+              eval_steps=0)                                                                  # App. B, C
 SMALL = dict(IMAGES, arch="convnet", hidden=16, batch_size=256, pool_size=256, proj_hidden=512,
              proj_dim=64, pred_hidden=512, warmup_epochs=2, eval_epochs=30, eval_milestones="20,27",
              eval_lr=0.05, eval_every=5)                   # readout lr: validation (README)
@@ -446,8 +438,8 @@ def schedule(cfg, n):
     total = cfg.steps or cfg.epochs * per_epoch
     if not cfg.steps and cfg.arch == "mlp":
         total = min(total, NEURAL_STEPS)
-    share = lambda epochs: total * epochs // cfg.epochs            # exact when total = epochs * per_epoch
-    return per_epoch, -(-total // per_epoch), total, share(cfg.warmup_epochs), share(cfg.mining_ramp_epochs)
+    warmup, ramp = (total * e // cfg.epochs for e in (cfg.warmup_epochs, cfg.mining_ramp_epochs))
+    return per_epoch, -(-total // per_epoch), total, warmup, ramp   # exact when total = epochs * per_epoch
 
 def pool_size(cfg):
     """L, the candidates per step: --pool-size fresh ones, or the batch's own views (L = B)."""
@@ -536,8 +528,7 @@ def myow_step(cfg, data, nets, s_all, c_all, lam, rank, world):
             j, has = mine(y[anchors], y_pool, allowed, cfg.k)
         n_mined = has.sum()                                        # anchors with a mined view
         loss_mine = (d(r_v, v_pool[j]) * has).sum() / n_mined.clamp(min=1)
-        classes = data.labels is not None and not data.labels.is_floating_point()
-        same = ((data.labels[s] == data.labels[c_all[j]]) * has).sum() if classes else zero
+        same = ((data.labels[s] == data.labels[c_all[j]]) * has).sum() if data.classes else zero
         return torch.stack([loss_aug + lam * loss_mine, loss_aug, loss_mine, same, n_mined])
 
 def train(cfg, data, device, log, rank=0, world=1, state=None, monitor=None):
@@ -551,8 +542,8 @@ def train(cfg, data, device, log, rank=0, world=1, state=None, monitor=None):
     torch.manual_seed(cfg.seed + rank)                          # augmentations: one stream per rank
     start, last = restore(state, model, target, opt, index_gen, rank, device) if state else (0, None)
     step = start * steps_per_epoch
-    book = dict(log=log, monitor=monitor, rank=rank, world=world, epochs=epochs, start=start, t0=time.time(),
-                classes=data.labels is not None and not data.labels.is_floating_point())  # for end_of_epoch
+    book = dict(log=log, monitor=monitor, rank=rank, world=world, epochs=epochs, start=start,
+                t0=time.time(), classes=data.classes)                    # what end_of_epoch needs
     with stop_on_signals() as signalled:            # SIGINT, SIGTERM: stop after this epoch
         for epoch in range(start, epochs):
             stats = torch.zeros(5, device=device)     # loss, aug loss, mined loss, same-label, mined
@@ -601,10 +592,11 @@ def weighted_f1(pred, labels, n_classes):
 def decoding_loss(out, labels, task):
     """Reach: MSE to (cos, sin) of the direction (App. D.1); a continuous behaviour: MSE; classes:
     cross-entropy, not class-balanced (App. D.2 does not balance). out (..., n, O) -> one loss per readout."""
-    if task in ("reach", "continuous"):
+    if task == "reach":
         angle = labels * (math.pi / 4)
-        target = torch.stack([torch.cos(angle), torch.sin(angle)], -1) if task == "reach" else labels
-        return ((out - target) ** 2).mean((-2, -1))
+        labels = torch.stack([torch.cos(angle), torch.sin(angle)], -1)           # (cos, sin) of the direction
+    if task in ("reach", "continuous"):
+        return ((out - labels) ** 2).mean((-2, -1))
     ce = F.cross_entropy(out.flatten(0, -2), labels.expand(out.shape[:-1]).flatten(), reduction="none")
     return ce.view(out.shape[:-1]).mean(-1)
 
@@ -628,7 +620,7 @@ def scores(out, labels, task, n_classes):
 def ridge(feats, Y, wd, chunk=1 << 14):
     """Least squares with a penalty wd * |W|^2 per sample, for all S penalties at once: one
     eigendecomposition of the features' (D, D) covariance, in float64, summed over chunks of rows.
-    feats (n, D), Y (n, d), wd (S,) -> W (S, D, d) and bias (S, 1, d) for centred-free use."""
+    feats (n, D), Y (n, d), wd (S,) -> W (S, D, d) and the bias (S, 1, d) that fits the means."""
     n, mx, my = len(feats), feats.mean(0, dtype=torch.float64), Y.mean(0, dtype=torch.float64)
     cov = sum((x.double() - mx).T @ (x.double() - mx) for x in feats.split(chunk)) / n       # (D, D)
     xy = sum((x.double() - mx).T @ (y.double() - my) for x, y in zip(feats.split(chunk), Y.split(chunk))) / n
@@ -663,8 +655,9 @@ def linear_eval(feats, labels, task, cfg):
     opt = (torch.optim.SGD([W, bias], lr=cfg.eval_lr, momentum=0.9) if milestones   # App. C
            else torch.optim.AdamW([W, bias], lr=cfg.eval_lr, weight_decay=0.0))   # App. D; decay below
     X, Y = feats[0], labels[0]
-    batches = -(-len(X) // cfg.eval_batch_size)
-    for epoch in range(min(cfg.eval_epochs, -(-cfg.eval_steps // batches)) if cfg.eval_steps else cfg.eval_epochs):
+    batches = -(-len(X) // cfg.eval_batch_size)                   # a step a batch; at most --eval-steps
+    epochs = min(cfg.eval_epochs, -(-cfg.eval_steps // batches)) if cfg.eval_steps else cfg.eval_epochs
+    for epoch in range(epochs):
         opt.param_groups[0]["lr"] = cfg.eval_lr * 0.1 ** sum(epoch >= m for m in milestones)
         for i in torch.randperm(len(X), generator=gen, device=X.device).split(cfg.eval_batch_size):
             out = X[i] @ W + bias                                  # (S, b, O)
@@ -717,7 +710,7 @@ def image_inputs(x, mean, std, size):
 
 class ImageSplit:
     """A split as one uint8 tensor (N, C, H, W) on the device; no DataLoader, no per-image Python."""
-    task = "class"
+    task, classes = "class", True
 
     def __init__(self, x, labels, mean, std, size, coarse=None):
         self.x, self.labels, self.mean, self.std, self.size, self.coarse = x, labels, mean, std, size, coarse
@@ -971,6 +964,12 @@ def is_jitter(v):                                       # 'b,c,s,h': four number
     b, c, s, h = (float(x) for x in v.split(","))
     return 0 <= min(b, c, s, h) and max(b, c, s) < math.inf and h <= 0.5
 
+def is_size(v):                                         # 'T,N', or empty
+    if not v:
+        return True
+    T, N = (int(x) for x in v.split(","))
+    return T >= 100 and N >= 1
+
 def is_exponents(v):                                    # 'a:b', or empty
     if not v:
         return True
@@ -993,7 +992,7 @@ RULES = {
     BELOW1: lambda v: 0 <= v < 1,
     "in (0, 1)": lambda v: 0 < v < 1,
     AREA: is_area,
-    SIZE: lambda v: not v or (lambda T, N: T >= 100 and N >= 1)(*(int(x) for x in v.split(","))),
+    SIZE: is_size,
     "four numbers 'b,c,s,h', each >= 0, hue h <= 0.5": is_jitter,
     "epochs 'm1,m2,...' (integers >= 1), or empty": lambda v: not v or min(int(m) for m in v.split(",")) >= 1,
     "'a:b' with integers a <= b, or empty": is_exponents,
@@ -1030,6 +1029,10 @@ def check_fields(cfg):
         raise ConfigError(f"--pretrain-on {cfg.pretrain_on!r}: images have no validation split; use train")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: torch sees no CUDA device here; use --device cpu (or auto)")
+    gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
+    if gpus and cfg.nproc_per_node > gpus:                          # one GPU a process
+        raise ConfigError(f"--nproc-per-node {cfg.nproc_per_node}: this machine has {gpus} GPU(s); use "
+                          f"--nproc-per-node {gpus}, or --device cpu")
     if (cfg.save_embeddings or cfg.save_mined_views or cfg.resume) and not cfg.out:
         raise ConfigError("--save-embeddings, --save-mined-views and --resume need --out DIR")
     if cfg.save_mined_views and (neural or cfg.method != "myow"):
@@ -1053,7 +1056,8 @@ def check_fields(cfg):
         raise ConfigError(f"--data-file {cfg.data_file!r}: --dataset npz needs an existing .npz file "
                           f"(README: your own recording)")
     if cfg.dataset == "phy" and not os.path.isdir(cfg.data_file):
-        raise ConfigError(f"--data-file {cfg.data_file!r}: --dataset phy needs the folder Kilosort or Phy wrote")
+        raise ConfigError(f"--data-file {cfg.data_file!r}: --dataset phy needs the folder that Kilosort or "
+                          f"Phy wrote")
     if cfg.size and cfg.dataset != "synthetic":
         raise ConfigError(f"--size {cfg.size!r}: only --dataset synthetic takes a size")
 
@@ -1081,8 +1085,8 @@ def memory_needed(cfg, world):
     kept = 2 * first * cfg.image_size ** 2 if conv else 8 * cfg.hidden
     D = {"mlp": cfg.rep_dim, "convnet": 72 * cfg.hidden, "resnet18": 512}.get(cfg.arch, 2048)
     P = cfg.proj_dim if cfg.proj_hidden else D                              # size of z, v and p
-    weights = 2 * cfg.proj_hidden * (D + P) + 2 * cfg.pred_hidden * 2 * P + (not conv) * cfg.hidden * (
-        3 * cfg.hidden + cfg.rep_dim)
+    weights = 2 * cfg.proj_hidden * (D + P) + 2 * cfg.pred_hidden * 2 * P          # g, h, q and r
+    weights += 0 if conv else cfg.hidden * (3 * cfg.hidden + cfg.rep_dim)      # f after its first layer
     per_view = view + kept + D + 2 * cfg.proj_hidden + 2 * cfg.pred_hidden + 2 * P
     B, L = cfg.batch_size / world, pool_size(cfg)
     fresh = cfg.method == "myow" and cfg.pool == "fresh"
@@ -1136,7 +1140,7 @@ def setup_distributed(cfg):
     here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))                 # processes on this machine
     if cuda and here > torch.cuda.device_count():                    # one GPU per process
         raise ConfigError(f"torchrun started {here} processes on a machine with {torch.cuda.device_count()} "
-                          f"GPU(s); use --nproc_per_node {torch.cuda.device_count()}, or --device cpu")
+                          f"GPU(s); use --nproc-per-node {torch.cuda.device_count()}, or --device cpu")
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
     if cuda:
@@ -1264,7 +1268,7 @@ def load_checkpoint(path, cfg):
     world = dist.get_world_size() if dist.is_initialized() else 1
     if len(state["rng"]) != world:          # each process has its own augmentation stream
         raise ConfigError(f"checkpoint {path} was written by {len(state['rng'])} process(es), this run has "
-                          f"{world}; resume with torchrun --nproc_per_node {len(state['rng'])}")
+                          f"{world}; resume with --nproc-per-node {len(state['rng'])}")
     now = dataclasses.asdict(cfg)
     differ = [k for k, v in state["config"].items() if k not in RUN_FIELDS and now.get(k) != v]
     if differ:
@@ -1336,7 +1340,10 @@ def load_encoder(path, device="cpu"):
             t, n = torch.nonzero(~torch.isfinite(x))[0].tolist()
             raise ValueError(f"firing rate at row {t}, neuron {n} is {x[t, n].item()}; remove or interpolate "
                              f"non-finite values")
-        x = (x.float()[:, inputs["keep"]] - mean) / std if neural else image_inputs(x, mean, std, inputs["size"])
+        if neural:
+            x = (x.float()[:, inputs["keep"]] - mean) / std
+        else:
+            x = image_inputs(x, mean, std, inputs["size"])
         return torch.cat([f(c).float() for c in x.split(1024)])
     return embed
 
@@ -1436,13 +1443,15 @@ def run(cfg):
     check_config(cfg, pretrain, world)
     state = prepare_out(cfg, rank)
     if rank == 0 and state and state.get("conditions", conditions(device)) != conditions(device):
-        print(f"note: the checkpoint was written with {state['conditions']}, this run has {conditions(device)}: "
-              f"it goes on, but will not end bit-identical to an uninterrupted run", file=sys.stderr)
+        print(f"note: the checkpoint was written with {state['conditions']}, this run has "
+              f"{conditions(device)}: it goes on, but will not end bit-identical to an uninterrupted run",
+              file=sys.stderr)
     per_epoch, epochs, steps = schedule(cfg, len(splits[0] if cfg.method == "supervised" else pretrain))[:3]
     plan = f"; {steps:,} steps ({epochs:,} epochs of {per_epoch:,})" if cfg.method != "raw" else ""
     step_s = seconds_per_step(cfg, pretrain, device)
     if step_s:                                     # said before the run: a long one can be stopped now
-        plan += f", about {step_s * steps / 60:.1f} min" if step_s * steps > 120 else f", about {step_s * steps:.0f} s"
+        t = step_s * steps
+        plan += f", about {t / 60:.1f} min" if t > 120 else f", about {t:.0f} s"
     if rank == 0:
         print(f"{cfg.dataset}: {about}, splits {[len(s) for s in splits if s]}, {cfg.method} on "
               f"{world} x {device}{plan}", flush=True)
@@ -1452,8 +1461,8 @@ def run(cfg):
     elif cfg.method == "raw":                  # the floor: the same readout on the inputs themselves
         f, last = nn.Flatten(), {"mining_class_acc": None}
     else:
-        classes = splits[0].labels is not None and not splits[0].labels.is_floating_point()
-        monitor = (lambda f: knn_accuracy(f, splits[0], splits[2])) if cfg.eval_every and classes else None
+        knn = cfg.eval_every and splits[0].classes                    # a k-NN monitor needs classes
+        monitor = (lambda f: knn_accuracy(f, splits[0], splits[2])) if knn else None
         model, last = train(cfg, pretrain, device, make_logger(cfg), rank, world, state, monitor)
         f = model.net.f
     train_seconds = time.time() - t0
@@ -1551,8 +1560,8 @@ def main(argv=None):
         if not isinstance(e, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
         setting = largest_setting(cfg, dist.get_world_size() if dist.is_initialized() else 1)
-        print(f"error: out of memory ({str(e).splitlines()[0]}); lower {setting}, the setting that sizes this "
-              f"run's memory most; the last checkpoint in --out is kept", file=sys.stderr)
+        print(f"error: out of memory ({str(e).splitlines()[0]}); lower {setting}, the setting that sizes "
+              f"this run's memory most; the last checkpoint in --out is kept", file=sys.stderr)
         sys.exit(1)
     finally:
         for s, h in before.items():

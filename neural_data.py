@@ -36,7 +36,7 @@ class Recording:
     trial: np.ndarray       # (T,) int64 trial id; a continuous recording is a single trial 0
     time: np.ndarray        # (T,) float64 seconds (from the trial's start for trial data)
     labels: np.ndarray | None  # (T,) int64 class (reach direction 0..7, arousal state), or (T, d)
-    task: str               # float32 behaviour: 'reach' (8 directions), 'state' (classes), 'continuous', 'none'
+    task: str               # float32 behaviour: 'reach' (8 directions), 'state', 'continuous' or 'none'
     bin_s: float            # bin width in seconds
 
 
@@ -344,13 +344,14 @@ def synthetic_session(n_bins, n_neurons, seed=0, bin_s=0.01, chunk=1 << 16):
     for a in range(0, n_bins, chunk):
         lam = gain[a:a + chunk, None] * (baseline + depth * (v[a:a + chunk] @ preferred))
         rates[a:a + chunk] = rng.poisson(np.clip(lam, 0, None) * bin_s) / bin_s
-    return Recording("synthetic", rates, np.zeros(n_bins, np.int64), t, v.astype(np.float32), "continuous", bin_s)
+    return Recording("synthetic", rates, np.zeros(n_bins, np.int64), t, v.astype(np.float32), "continuous",
+                     bin_s)
 
 
 def validate(rec):
     """Refuse non-finite rates or behaviour and labels that are not classes 0, 1, 2, ... (reach: 0..7).
     In chunks of bins: a copy of a large recording would cost more than the recording."""
-    for name, values, column in (("firing rate", rec.rates, "neuron"), ("behaviour", rec.labels, "dimension")):
+    for name, values, column in (("firing rate", rec.rates, "neuron"), ("behaviour", rec.labels, "column")):
         for start in range(0, len(values) if values is not None and values.dtype.kind == "f" else 0, 1 << 16):
             bad = np.argwhere(~np.isfinite(values[start:start + (1 << 16)]))   # (T, N) or (T, d)
             if len(bad):
@@ -369,7 +370,8 @@ def projector_metadata(rec, split_idx):
     """metadata.tsv of the TensorBoard embedding projector for the rows of embeddings.tsv: one row a
     bin, in the order of `split_idx` (train, val, test indices into the recording), one header line."""
     label = {"reach": "direction", "state": "state"}.get(rec.task, "label")
-    value = (lambda i: "") if rec.labels is None else lambda i: ",".join(f"{v:g}" for v in np.ravel(rec.labels[i]))
+    def value(i):                                               # a class, or a behaviour's values
+        return "" if rec.labels is None else ",".join(f"{v:g}" for v in np.ravel(rec.labels[i]))
     rows = [f"{name}\t{rec.trial[i]}\t{rec.time[i]:.2f}\t{value(i)}\n"
             for name, idx in zip(("train", "val", "test"), split_idx) for i in idx]
     return f"split\ttrial\ttime_s\t{label}\n" + "".join(rows)
@@ -391,7 +393,8 @@ def load_recording(name, data_dir="data", data_file=None, seed=0, download=True,
         if not data_file:
             raise DataError("--dataset npz needs --data-file PATH.npz (see README, 'Your own recording')")
         return load_npz(data_file)
-    raise DataError(f"unknown neural dataset {name!r}; choose synthetic, chewie1, chewie2, mihi1, mouse, npz or phy")
+    raise DataError(f"unknown neural dataset {name!r}; choose synthetic, chewie1, chewie2, mihi1, mouse, npz "
+                    f"or phy")
 
 
 
@@ -408,6 +411,7 @@ class NeuralSplit:
         self.mean, self.std = mean.to(device), std.to(device)       # (units,) of what training sees
         self.labels = None if rec.labels is None else torch.as_tensor(rec.labels[idx], device=device)
         self.task, self.min_gap_s = rec.task, min_gap_s
+        self.classes = rec.labels is not None and rec.task != "continuous"   # labels to compare
         lo, hi = jitter_bounds(rec.trial[idx], rec.time[idx], jitter_s)
         self.axis = torch.as_tensor(trial_axis(rec.trial[idx], rec.time[idx], min_gap_s),
                                     device=device)         # (N,) int64, for the mask (microseconds)

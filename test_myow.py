@@ -939,7 +939,7 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path):
     state["rng"] = state["rng"] * 2                                    # as if written by 2 processes
     torch.save(state, ck)
     p = run_cli("--epochs", "2", "--out", str(tmp_path), "--resume")
-    one_line_error(p, "2 process(es)", "--nproc_per_node 2")
+    one_line_error(p, "2 process(es)", "--nproc-per-node 2")
 
 
 def one_line_error(p, *words):
@@ -1032,7 +1032,7 @@ def test_every_field_has_a_check_or_is_free_on_purpose():
     assert free == {"data_dir", "download", "data_file", "out", "resume", "overwrite", "compile",
                     "save_embeddings", "save_mined_views"}                      # paths and switches
     for dataset in myow.PRESETS:                                 # every preset passes its own checks
-        if dataset != "npz":
+        if dataset not in ("npz", "phy"):                        # these need --data-file
             myow.parse_config(["--dataset", dataset])
 
 
@@ -1182,7 +1182,7 @@ def test_torchrun_with_more_processes_than_gpus_is_refused_before_any_work(monke
     monkeypatch.setattr(myow.dist, "init_process_group", lambda *a, **k: pytest.fail("process group started"))
     for k, v in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2").items():
         monkeypatch.setenv(k, v)
-    with pytest.raises(myow.ConfigError, match="--nproc_per_node 1, or --device cpu"):
+    with pytest.raises(myow.ConfigError, match="--nproc-per-node 1, or --device cpu"):
         myow.setup_distributed(myow.parse_config([]))
 
 
@@ -1375,6 +1375,10 @@ def test_readme_own_recording_and_use_what_you_trained_run_as_written(tmp_path, 
     np.savez("day2.npz", firing_rates=counts2 / 0.1, labels=day2)
     exec(use, {})
     assert float(capsys.readouterr().out.split("decoded")[1]) > 0.8
+    nwb = [b for b in blocks if "pynwb" in b][0].split("\n", 1)[1]       # after reading the file
+    env = dict(units=[spike_times_s[unit_ids == u] for u in range(n_units)], np=np, bin_spikes=nd.bin_spikes)
+    exec(nwb, env)                                                     # every spike in a 10 ms bin
+    assert env["rates"].shape[1] == n_units and round(env["rates"].sum() * 0.01) == counts.sum()
 
 
 # --- dSprites (Appendix I) and the supervised baseline on images ------------------------------
