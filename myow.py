@@ -1476,11 +1476,12 @@ def run(cfg):
     if splits[0].task == "class" and splits[0].coarse is not None:          # CIFAR-20 (Table 1)
         coarse = [l if l is None else splits[0].coarse[l] for l in labels]
         metrics["test_acc_cifar20"] = linear_eval(feats, coarse, "class", cfg)["test_acc"]
-    result = {"dataset": cfg.dataset, "method": cfg.method, "seed": cfg.seed, "epochs": epochs,
+    trained = cfg.method != "raw"                                  # the floor trains nothing
+    result = {"dataset": cfg.dataset, "method": cfg.method, "seed": cfg.seed, "epochs": epochs * trained,
               **metrics, "mining_class_acc": last["mining_class_acc"], "knn_acc": last.get("knn_acc"),
               "world_size": world, "train_seconds": round(train_seconds, 2),
               "eval_seconds": round(time.time() - t0, 2), "total_seconds": round(time.time() - t_start, 2),
-              "steps": steps * (cfg.method != "raw"), "peak_host_mb": round(peak_host_mb())}
+              "steps": steps * trained, "peak_host_mb": round(peak_host_mb())}
     if device.type == "cuda":
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)
     if cfg.out:

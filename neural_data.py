@@ -327,11 +327,12 @@ def synthetic_reach(seed=0, n_trials=240, n_neurons=96, bin_s=0.1):
                      np.concatenate(time), np.array(labels), "reach", bin_s)
 
 
-def synthetic_session(n_bins, n_neurons, seed=0, bin_s=0.01, chunk=1 << 16):
+def synthetic_session(n_bins, n_neurons, seed=0, bin_s=0.01, chunk=1 << 14):
     """A laboratory's session at scale, with known structure: one continuous recording of n_bins bins
     of 10 ms from n_neurons Poisson neurons tuned to a smooth 2-D velocity (sums of slow sinusoids,
     0.05-0.5 Hz), rate = gain(t) * (baseline + depth * (v . preferred direction)), the gain drifting
-    over 10 min. labels: the velocity (T, 2), decoded with R². Built in chunks, float32."""
+    over 10 min. labels: the velocity (T, 2), decoded with R². Built in chunks of bins, whose float64
+    temporaries stay small beside the float32 rates (16,384 bins x 1,000 neurons: 128 MB each)."""
     rng = np.random.default_rng(seed)
     preferred = rng.normal(size=(2, n_neurons)).astype(np.float32)
     preferred /= np.linalg.norm(preferred, axis=0)
