@@ -14,10 +14,10 @@ network's representation space, predicted through a second, cascaded projector/p
     python myow.py --dataset cifar10 --epochs 800 --download    # Table 1, Appendix C, one GPU
     python myow.py --dataset cifar10 --nproc-per-node 4         # several GPUs; B and L are global
 
-Expected (2 x86 CPU cores, README): Chewie-1 Acc {{C1_MYOW}} over seeds 0-19 (paper 70.5; BYOL {{C1_BYOL}};
-the raw rates 57.1), Mouse-CA1 weighted F1 {{MO_MYOW}} over seeds 0-4 (paper 93.7; BYOL {{MO_BYOL}}); Fashion-MNIST
-88.4 % (BYOL 88.4, pixels 84.4). The last line on stdout is one JSON object with the metrics; with
---out DIR, `myow.load_encoder("DIR/encoder.pt")` maps raw firing rates or images to y = f(x).
+Expected (2 x86 CPU cores, one thread, README): Chewie-1 Acc 68.7 over seeds 0-19 (paper 70.5; BYOL
+66.8; the raw rates 57.1), Mouse-CA1 weighted F1 92.2 over seeds 0-4 (paper 93.7; BYOL 89.8);
+Fashion-MNIST 88.4 % (BYOL 88.4, pixels 84.4). The last line on stdout is one JSON object with the
+metrics; with --out DIR, `myow.load_encoder("DIR/encoder.pt")` maps raw rates or images to y = f(x).
 
 The method comes first, in the order data flows (configuration, augmentations, networks, mining and
 the target update, the training step and loop, linear evaluation); the plumbing that makes it a tool

@@ -1355,7 +1355,7 @@ def test_readme_own_recording_and_use_what_you_trained_run_as_written(tmp_path, 
     text = open(os.path.join(HERE, "README.md")).read()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     make, use = ([b for b in blocks if word in b][0] for word in ("bin_spikes", "load_encoder"))
-    command = re.search(r"^python myow.py --dataset npz .*$", text, re.M).group(0)
+    command = re.search(r"^python myow.py --dataset npz .*--out .*$", text, re.M).group(0)
     rng = np.random.default_rng(0)
     T, n_units = 3000, 40
     tuning = rng.uniform(2, 20, (3, n_units))                          # Hz per state and unit
