@@ -455,7 +455,8 @@ def load_neural(cfg, device):
         gap = float(rec.time.max() - rec.time.min()) / 24
     # z-scored with the statistics of the samples training sees (never test), as the authors' code;
     # on Mouse-CA1 validation +0.8 F1 over train-only statistics (README)
-    rates = rec.rates[rows(seen)]
+    rec.rates = np.ascontiguousarray(rec.rates)     # a sample a row (Mouse-CA1's is transposed): splits
+    rates = rec.rates[rows(seen)]                   # are contiguous views, statistics as on a copy
     std = rates.std(0)
     keep = std > 0          # neurons silent throughout training carry nothing (data README)
     mean, std = torch.as_tensor(rates.mean(0)[keep]), torch.as_tensor(std[keep])
