@@ -1525,7 +1525,9 @@ def launch(cfg, argv):
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)   # the workers say what happened
+    for name in list(logging.root.manager.loggerDict):        # the workers say what happened: the
+        if name.startswith("torch.distributed"):               # agent's warnings are not for the user
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         torchrun(["--standalone", f"--nproc_per_node={cfg.nproc_per_node}", __file__, *argv])
     except SignalException as e:

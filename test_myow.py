@@ -722,7 +722,8 @@ def test_sigterm_under_the_launcher_stops_every_rank_and_resumes_exactly(tmp_pat
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
     assert 7 <= torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] < 30
-    command = shlex.split(err.strip().splitlines()[-1].split("continue with: ")[1])
+    assert err.count("stopped: ") == 1 and "W1" not in err, err[-3000:]        # rank 0's line, no agent log
+    command = shlex.split(err.split("continue with: ")[1].splitlines()[0])
     assert command[:2] == ["python", "myow.py"] and "--nproc-per-node" in command, err[-3000:]
     resumed = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, cwd=HERE, timeout=240,
                              env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
