@@ -275,8 +275,8 @@ def load_phy(folder, bin_s, groups=("good",)):
     samples = np.load(path("spike_times.npy"), allow_pickle=False).ravel().astype(np.int64)
     clusters = np.load(path("spike_clusters.npy", "spike_templates.npy"), allow_pickle=False).ravel()
     with open(path("cluster_group.tsv", "cluster_KSLabel.tsv")) as fh:
-        rows = [line.replace(",", "\t").split() for line in fh][1:]            # tab or comma, a header
-    units = np.array(sorted(int(r[0]) for r in rows if len(r) > 1 and r[1] in groups), np.int64)
+        table = [line.replace(",", "\t").split() for line in fh][1:]           # tab or comma, a header
+    units = np.array(sorted(int(r[0]) for r in table if len(r) > 1 and r[1] in groups), np.int64)
     if len(samples) != len(clusters) or not len(units) or samples.min(initial=0) < 0:
         raise DataError(f"{folder}: {len(samples)} spike times, {len(clusters)} cluster ids and {len(units)} "
                         f"units labelled {' or '.join(groups)}; the files do not belong together")
@@ -407,6 +407,7 @@ class NeuralSplit:
     with what temporal jitter (Appendix J) and the mining mask (Appendix B) need."""
 
     def __init__(self, rec, idx, keep, mean, std, jitter_s, min_gap_s, device):
+        # rec.rates holds the kept neurons only (load_neural drops the silent ones once): a view, no copy
         self.x = torch.as_tensor(rec.rates[rows(idx)], device=device)            # (N, units) Hz
         self.keep = keep                                   # (neurons,) bool: not silent in training
         self.mean, self.std = mean.to(device), std.to(device)       # (units,) of what training sees
