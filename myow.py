@@ -8,47 +8,22 @@ network's representation space, predicted through a second, cascaded projector/p
     python myow.py                                              # synthetic reaching, CPU: seconds
     python myow.py --dataset chewie1 --data-dir ../shared/data  # monkey reach (Table 3), CPU: 15 s
     python myow.py --dataset mouse --data-dir ../shared/data    # mouse CA1 state (Fig. 4), CPU: 4 min
-    python myow.py --dataset chewie1 --method byol              # the same code without mining
-    python myow.py --dataset fashion-mnist --data-dir ../shared/data   # real images, CPU: 11-13 min
-    python myow.py --size 1000000,200                           # a synthetic 1M-bin session, CPU: 10 min
+    python myow.py --dataset npz --data-file rec.npz            # your recording (README)
     python myow.py --dataset cifar10 --epochs 800 --download    # Table 1, Appendix C, one GPU
-    python myow.py --dataset cifar10 --nproc-per-node 4         # several GPUs; B and L are global
+    torchrun --nproc_per_node 4 myow.py --dataset cifar10       # one process a GPU; B and L are global
 
 Expected (2 x86 CPU cores, one thread, README): Chewie-1 Acc 68.7 over seeds 0-19 (paper 70.5; BYOL
-66.8; the raw rates 57.1), Mouse-CA1 weighted F1 92.2 over seeds 0-4 (paper 93.7; BYOL 89.8);
-Fashion-MNIST 88.4 % (BYOL 88.4, pixels 84.4). The last line on stdout is one JSON object with the
-metrics; with --out DIR, `myow.load_encoder("DIR/encoder.pt")` maps raw rates or images to y = f(x).
+66.8), Mouse-CA1 weighted F1 92.2 over seeds 0-4 (paper 93.7; BYOL 89.8), Fashion-MNIST 88.4 %.
 
-The method comes first, in the order data flows (configuration, augmentations, networks, mining and
-the target update, the training step and loop, linear evaluation); the plumbing that makes it a tool
-(data loading, baselines, checks, checkpoints, the command line) follows one banner below it.
+The method comes first, in the order data flows, and runs on its own (README: teach from it); the
+plumbing that makes it a tool (data loading, baselines, checks, checkpoints, the command line)
+follows one banner below it.
 """
-import argparse
 import copy
-import dataclasses
-import io
-import json
 import math
-import os
-import shlex
-import shutil
-import signal
-import sys
-import tempfile
-import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
 
-
-if __name__ == "__main__":          # Ctrl-C or SIGTERM while torch loads (seconds): one line, no traceback
-    def stopped_at_start(signum, frame):
-        print(f"stopped: {signal.Signals(signum).name} during start-up; nothing was kept yet; the same "
-              f"command starts again: {shlex.join(['python', *sys.argv])}", file=sys.stderr, flush=True)
-        os._exit(128 + signum)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stopped_at_start)
-
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -56,40 +31,21 @@ import torch.nn.functional as F
 
 import neural_data
 
-# ==== Configuration: every setting, its paper source, and what it may be (checked in check_fields) ====
+# ==== Configuration: every setting, where its default comes from, and what it may be ===============
 def arg(default, help, check):
-    """A field: its default, its --help, and what a value may be: a tuple of choices, a rule named in
-    words (RULES, below the banner), or FREE (switches, and paths checked against the machine)."""
-    return field(default=default, metadata={"help": help, "check": check})
+    """A field: its default where the data set's preset gives none, its --help, and what a value may be:
+    a tuple of choices, a rule in words (checked below the banner), or FREE (switches, and paths)."""
+    return field(default=None, metadata={"default": default, "help": help, "check": check})
 
 FREE = None
 INT1, INT0, POS, NONNEG = "an integer >= 1", "an integer >= 0", "a finite number > 0", "a finite number >= 0"
 PROB, BELOW1, AREA = "a probability in [0, 1]", "in [0, 1)", "'lo:hi' with 0 < lo <= hi <= 1"
-SIZE = "'T,N', integers T >= 100 and N >= 1, or empty"
 
 @dataclass
 class Config:
-    dataset: str = arg("synthetic", "neural: synthetic | chewie1 | chewie2 | mihi1 | mouse | npz | phy; "
-                       "images: dsprites | cifar10 | cifar100 | mnist | fashion-mnist | tiny-imagenet | "
-                       "random32",
-                       "a data set named in --help")
-    data_dir: str = arg("data", "folder holding the published files (downloaded there if missing)", FREE)
-    download: bool = arg(False, "images: let torchvision download the data set into --data-dir", FREE)
-    data_file: str = arg("", "--dataset npz: your recording; phy: a Kilosort / Phy folder (README)", FREE)
-    bin_s: float = arg(0.01, "--dataset phy: bin width in s", POS)
-    units: str = arg("good", "--dataset phy: the units of these Phy groups", ("good", "good,mua"))
-    size: str = arg("", "--dataset synthetic: 'T,N', a continuous session of T bins of 10 ms x N neurons "
-                    "encoding a 2-D velocity (R², README: scale); empty: 240 reaches", SIZE)
-    train_fraction: float = arg(0.3, "dsprites: r, the share of kept images trained on (App. I)", "in (0, 1)")
     method: str = arg("myow", "myow | byol (lambda = 0, no mining) | supervised (sec. 3.3) | raw (the floor)",
                       ("myow", "byol", "supervised", "raw"))
-    seed: int = arg(0, "seed of initialisation, batches, augmentations and mining", "an integer in [0, 2^63)")
-    out: str = arg("", "folder for config, log, checkpoint, results and encoder.pt; empty: none", FREE)
-    resume: bool = arg(False, "continue the run in --out from its checkpoint", FREE)
-    overwrite: bool = arg(False, "replace the run already in --out", FREE)
-    nproc_per_node: int = arg(1, "processes, one per GPU, started through torch's launcher (torchrun)", INT1)
-    ckpt_every: int = arg(100, "write --out/checkpoint.pt every this many epochs, and at the end", INT1)
-    # -- optimisation (Appendix D.1 "Training") --
+    # -- optimisation (Appendix D.1 "Training"; Appendix C for images) --
     epochs: int = arg(1000, "training epochs (App. D: 1000); neural: at most 20,000 steps (README)", INT1)
     steps: int = arg(0, "training steps in all, instead of --epochs; 0: --epochs", INT0)
     batch_size: int = arg(512, "B, anchors per step (App. D: 512)",
@@ -102,8 +58,6 @@ class Config:
     tau: float = arg(0.98, "tau, EMA momentum at step 0 (App. D: 0.98)", "in [0, 1]")
     tau_schedule: str = arg("cosine", "cosine: tau up to 1 (App. C, D); constant (authors' neural code)",
                             ("cosine", "constant"))
-    pretrain_on: str = arg("train+val", "what self-supervised training sees (labels unused)",
-                           ("train+val", "train"))
     # -- mining (section 2.2, Appendix B) --
     pool_size: int = arg(1024, "L with --pool fresh: candidates drawn per step (App. D: 1024)", INT1)
     k: int = arg(5, "k, mined view drawn uniformly from the k nearest candidates (App. D: 5)", INT1)
@@ -159,17 +113,43 @@ class Config:
                                  "empty: none (App. C)", "'a:b' with integers a <= b, or empty")
     # -- supervised baseline (sec. 3.3: "weight regularization and dropout"; values not given) --
     sup_dropout: float = arg(0.5, "dropout after each block of the supervised encoder (README)", BELOW1)
+    # -- data --
+    dataset: str = arg("synthetic", "neural: synthetic | chewie1 | chewie2 | mihi1 | mouse | npz | phy; "
+                       "images: dsprites | cifar10 | cifar100 | mnist | fashion-mnist | tiny-imagenet | "
+                       "random32", "a data set named in --help")
+    data_dir: str = arg("data", "folder holding the published files (downloaded there if missing)", FREE)
+    download: bool = arg(False, "images: let torchvision download the data set into --data-dir", FREE)
+    data_file: str = arg("", "--dataset npz: your recording; phy: a Kilosort / Phy folder (README)", FREE)
+    bin_s: float = arg(0.01, "--dataset phy: bin width in s", POS)
+    units: str = arg("good", "--dataset phy: the units of these Phy groups", ("good", "good,mua"))
+    sample_rate: float = arg(0.0, "--dataset phy: samples a second of spike_times.npy; 0: params.py's", NONNEG)
+    size: str = arg("", "--dataset synthetic: 'T,N', a continuous session of T bins of 10 ms x N neurons "
+                    "encoding a 2-D velocity (R², README: scale); empty: 240 reaches",
+                    "'T,N', integers T >= 100 and N >= 1, or empty")
+    train_fraction: float = arg(0.3, "dsprites: r, the share of kept images trained on (App. I)", "in (0, 1)")
+    pretrain_on: str = arg("train+val", "what self-supervised training sees (labels unused)",
+                           ("train+val", "train"))
     # -- run --
+    seed: int = arg(0, "seed of initialisation, batches, augmentations and mining", "an integer in [0, 2^63)")
     device: str = arg("auto", "auto (cuda if available), cpu or cuda", ("auto", "cpu", "cuda"))
-    compile: bool = arg(False, "torch.compile the online and target networks", FREE)
+    compile: bool = arg(False, "torch.compile the online and target networks and the views", FREE)
     precision: str = arg("auto", "auto: bf16 autocast on CUDA for image encoders, fp32 for the MLP (README)",
                          ("auto", "bf16", "fp32"))
+    out: str = arg("", "folder for config, log, checkpoint, results and encoder.pt; empty: none", FREE)
+    resume: bool = arg(False, "continue the run in --out from its checkpoint", FREE)
+    overwrite: bool = arg(False, "replace the run already in --out", FREE)
+    ckpt_every: int = arg(100, "write --out/checkpoint.pt every this many epochs, and at the end", INT1)
     log_every: int = arg(0, "print progress every this many epochs (0: about 20 lines a run)", INT0)
     eval_every: int = arg(0, "log a k-NN monitor's test accuracy every this many epochs; 0: off", INT0)
-    save_embeddings: bool = arg(False, "write --out/embeddings.tsv, metadata.tsv (TensorBoard projector)",
-                                FREE)
     save_mined_views: bool = arg(False, "images: write --out/mined_views.png, anchors and their k nearest "
                                  "(Fig. 2)", FREE)
+
+    def __post_init__(self):
+        """A setting not given takes the data set's preset (PRESETS), else its default."""
+        default = {f.name: f.metadata["default"] for f in fields(self)}
+        given = {k: v for k, v in vars(self).items() if v is not None}
+        for k, v in {**default, **PRESETS.get(given.get("dataset", default["dataset"]), {}), **given}.items():
+            setattr(self, k, v)
 
 # Per-dataset defaults in one table; a flag given on the command line always wins.
 NEURAL_STEPS = 20000      # a neural run's steps without --steps (README: scale; App. D's Mouse-CA1: 16,000)
@@ -183,13 +163,13 @@ SMALL = dict(IMAGES, arch="convnet", hidden=16, batch_size=256, pool_size=256, p
              proj_dim=64, pred_hidden=512, warmup_epochs=2, eval_epochs=30, eval_milestones="20,27",
              eval_lr=0.05, eval_every=5)                   # readout lr: validation (README)
 PRESETS = {
-    "synthetic": dict(MONKEY, epochs=300),        # offline default: 300 epochs, a few seconds (README)
+    "synthetic": dict(MONKEY, epochs=300),        # offline default: 300 epochs, a few seconds
     "chewie1": MONKEY, "chewie2": MONKEY, "mihi1": MONKEY, "npz": MONKEY, "phy": MONKEY,
     "mouse": dict(lr=0.001, rep_dim=64, jitter_s=12.0, min_gap_s=1800.0, sup_dropout=0.2),   # App. D.2
     "cifar10": IMAGES, "cifar100": IMAGES, "mnist": IMAGES, "random32": IMAGES,
     "tiny-imagenet": dict(IMAGES, image_size=64),
     "dsprites": dict(SMALL, epochs=12),             # App. I at r = 0.3; README: epochs x 0.3 / r
-    "fashion-mnist": dict(SMALL, image_size=28, epochs=10),       # README: 11-13 min on 2 cores
+    "fashion-mnist": dict(SMALL, image_size=28, epochs=10),
 }
 NEURAL = {"synthetic", "chewie1", "chewie2", "mihi1", "mouse", "npz", "phy"}
 
@@ -445,7 +425,12 @@ def pool_size(cfg):
     """L, the candidates per step: --pool-size fresh ones, or the batch's own views (L = B)."""
     return cfg.pool_size if cfg.pool == "fresh" else cfg.batch_size
 
+
 # ==== Training: the optimiser, one step and the loop of Algorithm 1 =================================
+def rank_world():
+    """This process's rank and the number of processes (torchrun), or 0 and 1."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
 def optimizer(cfg, model):
     """App. C: SGD with momentum for images, weight decay on weight matrices and kernels only
     (BatchNorm scales and shifts and biases, the 1-d tensors, undecayed as in BYOL and the
@@ -459,16 +444,15 @@ def optimizer(cfg, model):
                            lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 def autocast_for(cfg, device):
-    """bfloat16 autocast on CUDA for image encoders. The MLP of neural data stays in float32 there:
-    on an H100, bf16 cost Chewie-1 4.1 Acc (3 paired seeds) and saved no time (README)."""
+    """bfloat16 autocast on CUDA for image encoders; the small MLP of neural data stays in float32
+    (bf16 cost it accuracy and saved no time: README)."""
     bf16 = cfg.precision == "bf16" or cfg.precision == "auto" and cfg.arch != "mlp"
     return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and bf16 else nullcontext()
 
 def setup_training(cfg, data, device):
-    """The online model (theta and the predictors), the target network xi and the optimiser on the
-    device, and what a step calls: the online model (under DDP with torchrun), the target encoder
-    and the views (all compiled with --compile: the views' elementwise chains fuse), and the
-    autocast context, decided once."""
+    """The online model (theta: f, g, h and the predictors q, r), the target network xi and the
+    optimiser on the device, and the online model as a step calls it: under DDP when torchrun started
+    several processes (gradients averaged over them), compiled with --compile."""
     torch.manual_seed(cfg.seed)                                   # same initial theta everywhere
     model, target = build_networks(cfg, data)
     fmt = torch.channels_last if cfg.arch != "mlp" else torch.contiguous_format
@@ -478,21 +462,18 @@ def setup_training(cfg, data, device):
     opt = optimizer(cfg, model)
     online = model
     if dist.is_initialized():
-        ids = [device] if device.type == "cuda" else None
-        online = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    target_f = target.f
-
-    def views(idx, cfg, t_m=False):
-        return augment(data, idx, cfg, t_m)
+        online = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if cfg.compile:
-        online, target_f, views = torch.compile(online), torch.compile(target.f), torch.compile(views)
-    return model, target, opt, (model, online, target, target_f, views, autocast_for(cfg, device))
+        online = torch.compile(online)
+        target.f.compile()                        # in place: its state_dict keeps its names
+    return model, online, target, opt
 
-def myow_step(cfg, data, nets, s_all, c_all, lam, rank, world):
-    """The loss of Algorithm 1 for one batch: s_all (B,) anchors and c_all (L,) candidates, the
-    same on every rank; this rank makes the views of its share (b anchors, l candidates). Returns
-    (loss, augmented-view loss, mined-view loss, mined views of the anchor's label, mined views)."""
-    model, online, target, target_f, views, autocast = nets
+def myow_step(cfg, data, online, target, s_all, c_all, lam, views=augment):
+    """The loss of Algorithm 1 for one batch: s_all (B,) anchors and c_all (L,) candidates, the same
+    on every process; this one makes the views of its share (b anchors, l candidates). Returns the
+    loss, its augmented-view and mined-view parts, and the mining (anchors, their mined samples, 1.0
+    where an anchor had a candidate to mine) that shows what mining found (App. F)."""
+    rank, world = rank_world()
     b, l = len(s_all) // world, len(c_all) // world
     s, c = s_all[rank * b:(rank + 1) * b], c_all[rank * l:(rank + 1) * l]
     mining = cfg.method == "myow"
@@ -500,77 +481,79 @@ def myow_step(cfg, data, nets, s_all, c_all, lam, rank, world):
     new_anchor = mining and cfg.anchor_view == "new"   # else x is the anchor x_m (T_m = T)
     # x = t(s), x' = t'(s'), t, t' ~ T; neural: x is the anchor's own bin and s' one of the same trial
     # at most --jitter-s away (temporal jitter, App. D.1); images: s' = s
-    x, x2 = views(torch.cat([s, data.nearby(s)]), cfg).split(b)
+    x, x2 = views(data, torch.cat([s, data.nearby(s)]), cfg).split(b)
     # T_m views in one call: x_m = t_m(s) (Alg. 1) and x_c = t_m(c) (fresh candidates, App. B)
     wanted = [s] * new_anchor + [c] * fresh
-    x_m, x_c = (views(torch.cat(wanted), cfg, t_m=True).split([b * new_anchor, l * fresh]) if wanted
+    x_m, x_c = (views(data, torch.cat(wanted), cfg, t_m=True).split([b * new_anchor, l * fresh]) if wanted
                 else (x[:0], x[:0]))
-    with autocast:
+    with autocast_for(cfg, x.device):
         with torch.no_grad():                                      # target network xi
-            y_t = target_f(torch.cat([x, x2, x_c]))                # (2b [+ l], D)
+            y_t = target.f(torch.cat([x, x2, x_c]))                # (2b [+ l], D)
             z_t = target.g(y_t)
             u, z2 = z_t[:b], z_t[b:2 * b]                          # u = g(f(x)), z' = g(f(x'))
         anchors = slice(2 * b, 3 * b) if new_anchor else slice(0, b)   # online rows of y_m
         y, p, r_v = online(torch.cat([x, x2, x_m]), 2 * b, anchors if mining else None)
         loss_aug = 2 * d(p, torch.cat([z2, u])).mean()             # d(q(z), z') + d(q(u'), u)
-        zero = torch.zeros((), device=x.device)
         if not mining:
-            return torch.stack([loss_aug, loss_aug, zero, zero, zero])
+            return loss_aug, loss_aug, torch.zeros((), device=x.device), None
         with torch.no_grad():
             cand = slice(2 * b, None) if fresh else slice(b, 2 * b)    # target rows of the candidates
             if cfg.mine_in == "target":
                 y_pool = y_t[cand]                                 # (l, D) f_xi(x_c)
-            else:                                                  # App. F: online space
-                y_pool = model.net.f(x_c) if fresh else y[cand]
-            y_pool = all_gather(y_pool)                            # (L, D)
+            elif fresh:                                            # App. F: the online space
+                y_pool = getattr(online, "module", online).net.f(x_c)   # (DDP holds the model in .module)
+            else:
+                y_pool = y[cand]
+            y_pool = all_gather(y_pool)                            # (L, D) the pool of all processes
             v_pool = all_gather(target.mined_space(y_t[cand], z_t[cand]))  # (L, Dv) v' of the candidates
             allowed = data.allowed(s, c_all)                       # (b, L) mask (App. B)
             j, has = mine(y[anchors], y_pool, allowed, cfg.k)
-        n_mined = has.sum()                                        # anchors with a mined view
-        loss_mine = (d(r_v, v_pool[j]) * has).sum() / n_mined.clamp(min=1)
-        same = ((data.labels[s] == data.labels[c_all[j]]) * has).sum() if data.classes else zero
-        return torch.stack([loss_aug + lam * loss_mine, loss_aug, loss_mine, same, n_mined])
+        loss_mined = (d(r_v, v_pool[j]) * has).sum() / has.sum().clamp(min=1)   # d(r(v), v'_m)
+        return loss_aug + lam * loss_mined, loss_aug, loss_mined, (s, c_all[j], has)
 
-def train(cfg, data, device, log, rank=0, world=1, state=None, monitor=None):
-    """Algorithm 1 on the split `data`. Returns the online model and the last epoch's log record.
-    Between epochs, `end_of_epoch` (below the banner) logs, checkpoints and stops on a signal."""
-    model, target, opt, nets = setup_training(cfg, data, device)
+def train(cfg, data, device, after_epoch=None, resume=None):
+    """Algorithm 1 on the split `data`; returns the online model (theta and the predictors). Between
+    epochs, after_epoch(epoch, record, mining, state) sees the epoch's mean losses and last schedules,
+    each step's mining and the state training changes (below the banner it logs, checkpoints and
+    stops on a signal); resume(state), if given, puts a checkpoint's state in place and returns the
+    epoch to go on from."""
+    rank, world = rank_world()
+    model, online, target, opt = setup_training(cfg, data, device)
+    views = torch.compile(augment) if cfg.compile else augment      # their elementwise chains fuse
     xi, theta = ema_tensors(target), ema_tensors(model.net)
     N, B, L = len(data), cfg.batch_size, pool_size(cfg)
     steps_per_epoch, epochs, total, warmup, ramp = schedule(cfg, N)
     index_gen = torch.Generator(device).manual_seed(cfg.seed)  # batches and pools: same on all ranks
     torch.manual_seed(cfg.seed + rank)                          # augmentations: one stream per rank
-    start, last = restore(state, model, target, opt, index_gen, rank, device) if state else (0, None)
+    state = (model, target, opt, index_gen)
+    start = resume(state) if resume else 0
     step = start * steps_per_epoch
-    book = dict(log=log, monitor=monitor, rank=rank, world=world, epochs=epochs, start=start,
-                t0=time.time(), classes=data.classes)                    # what end_of_epoch needs
-    with stop_on_signals() as signalled:            # SIGINT, SIGTERM: stop after this epoch
-        for epoch in range(start, epochs):
-            stats = torch.zeros(5, device=device)     # loss, aug loss, mined loss, same-label, mined
-            perm = torch.randperm(N, generator=index_gen, device=device)
-            for it in range(min(steps_per_epoch, total - step)):             # the last may be short
-                lr = lr_at(step, total, warmup, cfg.lr)
-                tau = tau_at(step, total, cfg.tau, 1.0 if cfg.tau_schedule == "cosine" else cfg.tau)
-                lam = lambda_at(step, ramp, cfg.mining_weight)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                s = perm[it * B:(it + 1) * B]                      # (B,) the global batch's anchors
-                c = s                                              # (L,) candidates: the batch's x'
-                if cfg.method == "myow" and cfg.pool == "fresh":   # or an independent stream (App. B)
-                    c = torch.cat([torch.randperm(N, generator=index_gen, device=device)
-                                   for _ in range(-(-L // N))])[:L]                     # L may exceed N
-                out = myow_step(cfg, data, nets, s, c, lam, rank, world)
-                opt.zero_grad(set_to_none=True)
-                out[0].backward()
-                opt.step()
-                update_target(xi, theta, tau)                                  # eq. (2)
-                stats += out.detach()
-                step += 1
-            schedules, saved = dict(lr=lr, tau=tau, lam=lam, steps=it + 1), (model, target, opt, index_gen)
-            last = end_of_epoch(cfg, epoch, stats, schedules, saved, signalled, book)
-    if cfg.save_mined_views and rank == 0:
-        save_mined_views(os.path.join(cfg.out, "mined_views.png"), model.net.f, target.f, data, cfg)
-    return model, last
+    for epoch in range(start, epochs):
+        losses, mining = torch.zeros(3, device=device), []    # sums of L, L_aug, L_mined over steps
+        perm = torch.randperm(N, generator=index_gen, device=device)
+        for it in range(min(steps_per_epoch, total - step)):             # the last may be short
+            lr = lr_at(step, total, warmup, cfg.lr)
+            tau = tau_at(step, total, cfg.tau, 1.0 if cfg.tau_schedule == "cosine" else cfg.tau)
+            lam = lambda_at(step, ramp, cfg.mining_weight)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            s = perm[it * B:(it + 1) * B]                          # (B,) the global batch's anchors
+            c = s                                                  # (L,) candidates: the batch's x'
+            if cfg.method == "myow" and cfg.pool == "fresh":       # or an independent stream (App. B)
+                c = torch.cat([torch.randperm(N, generator=index_gen, device=device)
+                               for _ in range(-(-L // N))])[:L]                         # L may exceed N
+            loss, loss_aug, loss_mined, mined = myow_step(cfg, data, online, target, s, c, lam, views)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            update_target(xi, theta, tau)                                  # eq. (2)
+            losses += torch.stack([loss, loss_aug, loss_mined]).detach()
+            mining.append(mined)
+            step += 1
+        if after_epoch:
+            record = dict(losses=losses / (it + 1), lr=lr, tau=tau, lam=lam, steps=it + 1)
+            after_epoch(epoch, record, mining, state)
+    return model
 
 # ==== Linear evaluation (Appendix D): all weight decays of the sweep trained at once ================
 def angle_error(pred, labels):
@@ -698,7 +681,22 @@ def representations(f, splits, chunk=1024):
     return feats
 
 # ==== PLUMBING BELOW: the method ends here; a reader of the method may stop. =========================
-# What follows makes it a tool: data loading, baselines, monitor, checks, DDP, checkpoints, the CLI.
+# What follows makes it a tool: data loading, baselines, the monitor, checks, checkpoints, the CLI.
+import argparse
+import dataclasses
+import fcntl
+import io
+import json
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import numpy as np
 
 # ==== Data: images as one uint8 tensor on the device (neural recordings: neural_data.py) ===========
 def image_inputs(x, mean, std, size):
@@ -938,22 +936,18 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):                   # one line and exit status 2, like every refusal
         raise ConfigError(f"{message} (python myow.py --help lists every flag)")
 
-def parse_config(argv=None):
-    """The flags given, over the data set's preset, over the defaults; every field checked."""
+def parse_config(argv=None, arrays=False):
+    """The flags given, over the data set's preset, over the defaults; every field checked (arrays:
+    the recording comes from `fit`, not from --data-file)."""
     parser = Parser(description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Config):
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if isinstance(f.default, bool):
+        flag, help, default = "--" + f.name.replace("_", "-"), f.metadata["help"], f.metadata["default"]
+        if isinstance(default, bool):
             parser.add_argument(flag, action="store_true", default=None, help=help)
         else:
-            parser.add_argument(flag, type=type(f.default), default=None,
-                                help=f"{help} [{f.default}, or the dataset's preset]")
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    dataset = given.get("dataset", Config.dataset)
-    if dataset not in PRESETS:
-        raise ConfigError(f"unknown --dataset {dataset!r}; choose one of {', '.join(PRESETS)}")
-    cfg = Config(**{**PRESETS[dataset], **given})
-    check_fields(cfg)
+            parser.add_argument(flag, type=type(default), help=f"{help} [{default}, or the dataset's preset]")
+    cfg = Config(**vars(parser.parse_args(argv)))          # flags not given are None: preset or default
+    check_fields(cfg, arrays)
     return cfg
 
 def is_area(v):                                         # 'lo:hi'
@@ -992,7 +986,7 @@ RULES = {
     BELOW1: lambda v: 0 <= v < 1,
     "in (0, 1)": lambda v: 0 < v < 1,
     AREA: is_area,
-    SIZE: is_size,
+    "'T,N', integers T >= 100 and N >= 1, or empty": is_size,
     "four numbers 'b,c,s,h', each >= 0, hue h <= 0.5": is_jitter,
     "epochs 'm1,m2,...' (integers >= 1), or empty": lambda v: not v or min(int(m) for m in v.split(",")) >= 1,
     "'a:b' with integers a <= b, or empty": is_exponents,
@@ -1004,7 +998,7 @@ def existing_parent(path):
         path = os.path.dirname(path)
     return path
 
-def check_fields(cfg):
+def check_fields(cfg, arrays=False):
     """Every field against what it may be (the `check` of its arg), then what depends on the
     data set and the machine: all before any data is loaded or any file is touched."""
     for f in dataclasses.fields(Config):
@@ -1029,12 +1023,8 @@ def check_fields(cfg):
         raise ConfigError(f"--pretrain-on {cfg.pretrain_on!r}: images have no validation split; use train")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: torch sees no CUDA device here; use --device cpu (or auto)")
-    gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
-    if gpus and cfg.nproc_per_node > gpus:                          # one GPU a process
-        raise ConfigError(f"--nproc-per-node {cfg.nproc_per_node}: this machine has {gpus} GPU(s); use "
-                          f"--nproc-per-node {gpus}, or --device cpu")
-    if (cfg.save_embeddings or cfg.save_mined_views or cfg.resume) and not cfg.out:
-        raise ConfigError("--save-embeddings, --save-mined-views and --resume need --out DIR")
+    if (cfg.save_mined_views or cfg.resume) and not cfg.out:
+        raise ConfigError("--save-mined-views and --resume need --out DIR")
     if cfg.save_mined_views and (neural or cfg.method != "myow"):
         raise ConfigError(f"--save-mined-views draws images mined by MYOW; {cfg.dataset} with --method "
                           f"{cfg.method} has none (use an image data set and --method myow)")
@@ -1052,7 +1042,7 @@ def check_fields(cfg):
                           f"the data (or will, with --download)")
     if cfg.download and not os.access(data_dir, os.W_OK):
         raise ConfigError(f"--download: cannot write in {data_dir}; give a writable --data-dir")
-    if cfg.dataset == "npz" and not (cfg.data_file.endswith(".npz") and os.path.isfile(cfg.data_file)):
+    if cfg.dataset == "npz" and not arrays and not (cfg.data_file.endswith(".npz") and os.path.isfile(cfg.data_file)):
         raise ConfigError(f"--data-file {cfg.data_file!r}: --dataset npz needs an existing .npz file "
                           f"(README: your own recording)")
     if cfg.dataset == "phy" and not os.path.isdir(cfg.data_file):
@@ -1061,52 +1051,15 @@ def check_fields(cfg):
     if cfg.size and cfg.dataset != "synthetic":
         raise ConfigError(f"--size {cfg.size!r}: only --dataset synthetic takes a size")
 
-def available_memory(device):
-    """Bytes free on the GPU, or available on the CPU (Linux's MemAvailable; None where unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as fh:
-            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return None
-
 SIZING = ("batch_size", "pool_size", "eval_batch_size", "hidden", "rep_dim", "proj_hidden", "proj_dim",
           "pred_hidden", "image_size")                    # the settings that size tensors
 
-def memory_needed(cfg, world):
-    """A lower bound, in bytes per process, of what a run holds at once in float32: the heads' and the
-    MLP's weights with their gradients, optimiser states and target copy (5 x), a step's three views
-    of B / world rows with the activations kept for backward, the fresh candidates' views and the
-    (B, L) similarities, and a readout batch's features. The neurons of a recording are not known yet."""
-    conv = cfg.arch != "mlp"
-    view = (1 if cfg.dataset in ("mnist", "fashion-mnist", "dsprites") else 3) * cfg.image_size ** 2 * conv
-    first = 64 if cfg.arch.startswith("resnet") else cfg.hidden              # first layer's width
-    kept = 2 * first * cfg.image_size ** 2 if conv else 8 * cfg.hidden
-    D = {"mlp": cfg.rep_dim, "convnet": 72 * cfg.hidden, "resnet18": 512}.get(cfg.arch, 2048)
-    P = cfg.proj_dim if cfg.proj_hidden else D                              # size of z, v and p
-    weights = 2 * cfg.proj_hidden * (D + P) + 2 * cfg.pred_hidden * 2 * P          # g, h, q and r
-    weights += 0 if conv else cfg.hidden * (3 * cfg.hidden + cfg.rep_dim)      # f after its first layer
-    per_view = view + kept + D + 2 * cfg.proj_hidden + 2 * cfg.pred_hidden + 2 * P
-    B, L = cfg.batch_size / world, pool_size(cfg)
-    fresh = cfg.method == "myow" and cfg.pool == "fresh"
-    return 4 * (5 * weights + 3 * B * per_view + fresh * (L / world * view + B * L) + cfg.eval_batch_size * D)
-
-def largest_setting(cfg, world):
-    """The flag and value of the setting that sizes this run's memory most beyond its preset: the one
-    whose preset value would shrink the estimate most (--batch-size where none is above its preset)."""
-    preset, need = Config(**PRESETS[cfg.dataset]), memory_needed(cfg, world)
-    name = max(SIZING, key=lambda f: need / memory_needed(
-        dataclasses.replace(cfg, **{f: getattr(preset, f)}), world))
+def largest_setting(cfg):
+    """The flag and value of the setting that sizes tensors furthest above its preset (--batch-size
+    where none is above it): what to lower when memory runs out."""
+    preset = Config(dataset=cfg.dataset)
+    name = max(SIZING, key=lambda f: getattr(cfg, f) / max(1, getattr(preset, f)))
     return f"--{name.replace('_', '-')} {getattr(cfg, name)}"
-
-def check_memory(cfg, device, world):
-    """Settings that cannot fit are refused before any data is built, naming the one that dominates."""
-    free, need = available_memory(device), memory_needed(cfg, world)
-    if free is not None and need > free:
-        setting = largest_setting(cfg, world)
-        raise ConfigError(f"{setting}: this run needs at least {need / 2 ** 30:.1f} GiB at once and {device} "
-                          f"has {free / 2 ** 30:.1f} GiB available; lower {setting.split()[0]}")
 
 def check_config(cfg, data, world):
     """What depends on the loaded data and the number of processes (before --out is touched)."""
@@ -1130,7 +1083,7 @@ def check_config(cfg, data, world):
                               f"the mask (--min-gap-s {cfg.min_gap_s}) leaves a typical anchor {typical} "
                               f"of the {len(data)} training samples; lower --k or --min-gap-s")
 
-# ==== Several processes (torchrun), signals, checkpoints ============================================
+# ==== Processes (torchrun), signals, checkpoints ====================================================
 def setup_distributed(cfg):
     """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is one process."""
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -1140,27 +1093,27 @@ def setup_distributed(cfg):
     here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))                 # processes on this machine
     if cuda and here > torch.cuda.device_count():                    # one GPU per process
         raise ConfigError(f"torchrun started {here} processes on a machine with {torch.cuda.device_count()} "
-                          f"GPU(s); use --nproc-per-node {torch.cuda.device_count()}, or --device cpu")
+                          f"GPU(s); use --nproc_per_node {torch.cuda.device_count()}, or --device cpu")
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)   # Ctrl-C, a scheduler, a closed terminal
+
 class Stopped(Exception):
-    """A signal stopped the run: exit status 128 + its number (143 for SIGTERM, 130 for SIGINT)."""
+    """A signal stopped the run: exit status 128 + its number (130 SIGINT, 143 SIGTERM, 129 SIGHUP)."""
 
     def __init__(self, signum, message):
         super().__init__(f"{signal.Signals(signum).name} {message}")
         self.signum = signum
 
 @contextmanager
-def stop_on_signals():
-    """The first SIGINT (Ctrl-C) or SIGTERM (how schedulers stop a job) asks train to stop after the
-    epoch, with a checkpoint; a second one ends the run at once. A repeat within a second is the
+def stop_on_signals(first):
+    """The first stop signal asks training to stop after the epoch, with a checkpoint (`first` then
+    holds its number and time); a second one ends the run at once. A repeat within a second is the
     same request: torchrun forwards to its workers what a terminal or scheduler also sends them."""
-    first = []                                                      # [signal number, time]
-
     def handler(signum, frame):
         if first and time.time() - first[1] > 1:
             raise Stopped(signum, "a second time: stopped at once, without a checkpoint of this epoch")
@@ -1168,52 +1121,71 @@ def stop_on_signals():
             first.extend([signum, time.time()])
             print(f"{signal.Signals(signum).name}: stopping after this epoch (again to stop at once)",
                   file=sys.stderr, flush=True)
-    before = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    before = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
-        yield first
+        yield
     finally:
         for s, h in before.items():
             signal.signal(s, h)
 
-def end_of_epoch(cfg, epoch, stats, sched, saved, signalled, book):
-    """train's bookkeeping after each epoch: the means over steps and ranks, a stop on a non-finite
-    loss, the log record, the monitor, the checkpoint, and a stop when a signal came (every rank
-    stops at the same epoch). Returns the log record."""
-    model, target, opt, index_gen = saved
-    rank, world, steps, epochs = book["rank"], book["world"], sched["steps"], book["epochs"]
-    stop = torch.tensor(float(signalled[0] if signalled else 0), device=stats.device)
-    if world > 1:                             # every rank stops together; logs cover all ranks
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        dist.all_reduce(stats)
-        stats[:3] /= world
-    st = (stats / steps).tolist()
-    if not all(map(math.isfinite, st[:3])):   # a NaN or inf anywhere in the epoch stays in its mean
-        raise FloatingPointError(f"non-finite loss in epoch {epoch + 1} (mean loss {st[0]:.4g}: "
-                                 f"augmented-view loss {st[1]:.4g}, mined-view loss {st[2]:.4g}, "
-                                 f"lambda {sched['lam']:.4g}); lower --lr. The last good checkpoint is kept.")
-    mining = cfg.method == "myow"
-    last = {"epoch": epoch + 1, "loss": st[0], "loss_aug": st[1], "loss_mined": st[2] if mining else None,
-            "lr": sched["lr"], "tau": sched["tau"], "lambda": sched["lam"], "mining_class_acc": None}
-    if mining and book["classes"]:                            # App. F: mined views of the anchor's label
-        last["mining_class_acc"] = 100 * stats[3].item() / max(1, stats[4].item())
-    if book["monitor"] and rank == 0 and (epoch + 1) % cfg.eval_every == 0:
-        last["knn_acc"] = book["monitor"](model.net.f)
-    if rank == 0:
-        shown = (epoch + 1) % (cfg.log_every or max(1, epochs // 20)) == 0 or epoch + 1 == epochs
-        done, elapsed = epoch + 1 - book["start"], time.time() - book["t0"]
-        book["log"](last, print_line=shown, rate=done * steps * cfg.batch_size / elapsed,
-                    eta=elapsed / done * (epochs - epoch - 1), epochs=epochs)
-    if cfg.out and (stop or (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == epochs):
-        state = {"model": model.state_dict(), "target": target.state_dict(), "opt": opt.state_dict(),
-                 "epoch": epoch + 1, "last": last, "rng": rng_states(index_gen),
-                 "config": dataclasses.asdict(cfg), "conditions": conditions(stats.device)}
-        if rank == 0:
-            save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), state)
-    if stop:
-        raise Stopped(int(stop), f"after epoch {epoch + 1}")
-    return last
+def train_logged(cfg, data, device, state=None, monitor=None):
+    """train with what a tool adds: --resume from a checkpoint, and after every epoch the means over
+    steps and processes, a stop on a non-finite loss, the log, the k-NN monitor, the checkpoint and
+    a stop after the epoch when a signal came (every process at the same epoch); then the picture of
+    mined views. Returns the online model and the last epoch's log record."""
+    rank, world = rank_world()
+    epochs, log, signalled = schedule(cfg, len(data))[1], make_logger(cfg), []
+    book = {"start": 0, "t0": time.time(), "last": None}
 
-RUN_FIELDS = {"out", "resume", "overwrite", "device", "log_every", "ckpt_every", "data_dir", "nproc_per_node"}
+    def resume(training):
+        book["start"], book["last"] = restore(state, *training, rank, device)
+        return book["start"]
+
+    def after_epoch(epoch, record, mined, training):
+        model, target, opt, index_gen = book["training"] = training
+        stop = torch.tensor(float(signalled[0] if signalled else 0), device=device)
+        losses, same = record["losses"], torch.zeros(2, device=device)
+        if cfg.method == "myow" and data.classes:        # App. F: mined views of the anchor's label
+            for s, c, has in mined:
+                same += torch.stack([((data.labels[s] == data.labels[c]) * has).sum(), has.sum()])
+        if world > 1:                             # every rank stops together; logs cover all ranks
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            for t in (losses, same):
+                dist.all_reduce(t)
+            losses /= world
+        loss, loss_aug, loss_mined = losses.tolist()
+        if not all(map(math.isfinite, (loss, loss_aug, loss_mined))):   # a NaN anywhere stays in the mean
+            raise FloatingPointError(f"non-finite loss in epoch {epoch + 1} (mean loss {loss:.4g}: "
+                                     f"augmented-view loss {loss_aug:.4g}, mined-view loss {loss_mined:.4g}, "
+                                     f"lambda {record['lam']:.4g}); lower --lr. The last good checkpoint is kept.")
+        mining = cfg.method == "myow"
+        last = {"epoch": epoch + 1, "loss": loss, "loss_aug": loss_aug, "loss_mined": loss_mined if mining else None,
+                "lr": record["lr"], "tau": record["tau"], "lambda": record["lam"], "mining_class_acc": None}
+        if mining and data.classes:
+            last["mining_class_acc"] = 100 * same[0].item() / max(1, same[1].item())
+        if monitor and rank == 0 and (epoch + 1) % cfg.eval_every == 0:
+            last["knn_acc"] = monitor(model.net.f)
+        if rank == 0:
+            shown = (epoch + 1) % (cfg.log_every or max(1, epochs // 20)) == 0 or epoch + 1 == epochs
+            done, elapsed = epoch + 1 - book["start"], time.time() - book["t0"]
+            log(last, print_line=shown, rate=done * record["steps"] * cfg.batch_size / elapsed,
+                eta=elapsed / done * (epochs - epoch - 1), epochs=epochs)
+        if cfg.out and (stop or (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == epochs):
+            ckpt = {"model": model.state_dict(), "target": target.state_dict(), "opt": opt.state_dict(),
+                    "epoch": epoch + 1, "last": last, "rng": rng_states(index_gen),
+                    "config": dataclasses.asdict(cfg), "conditions": conditions(device)}
+            if rank == 0:
+                save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), ckpt)
+        book["last"] = last
+        if stop:
+            raise Stopped(int(stop), f"after epoch {epoch + 1}")
+    with stop_on_signals(signalled):
+        model = train(cfg, data, device, after_epoch, resume if state else None)
+    if cfg.save_mined_views and rank == 0 and "training" in book:
+        save_mined_views(os.path.join(cfg.out, "mined_views.png"), model.net.f, book["training"][1].f, data, cfg)
+    return model, book["last"]
+
+RUN_FIELDS = {"out", "resume", "overwrite", "device", "log_every", "ckpt_every", "data_dir"}
 
 def conditions(device):
     """What a bit-identical resume needs besides the checkpoint (the process count is checked)."""
@@ -1247,7 +1219,6 @@ def write_atomic(path, data):
             raise cannot_write(path, e) from None
         raise
 
-
 def cannot_write(path, e):
     return RunError(f"could not write {path}: {e.strerror or e}; the files already there are kept "
                     f"(free space or fix the folder, then continue with --resume)")
@@ -1265,10 +1236,10 @@ def load_checkpoint(path, cfg):
     except Exception as e:
         raise ConfigError(f"checkpoint {path} is unreadable ({type(e).__name__}), perhaps truncated; "
                           f"delete it and start again with --overwrite") from None
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = rank_world()[1]
     if len(state["rng"]) != world:          # each process has its own augmentation stream
         raise ConfigError(f"checkpoint {path} was written by {len(state['rng'])} process(es), this run has "
-                          f"{world}; resume with --nproc-per-node {len(state['rng'])}")
+                          f"{world}; resume with torchrun --nproc_per_node {len(state['rng'])}")
     now = dataclasses.asdict(cfg)
     differ = [k for k, v in state["config"].items() if k not in RUN_FIELDS and now.get(k) != v]
     if differ:
@@ -1290,17 +1261,17 @@ def restore(state, model, target, opt, index_gen, rank, device):
         torch.cuda.set_rng_state(rng["cuda"])
     return state["epoch"], state["last"]
 
-# ==== The trained encoder outside the run: encoder.pt and load_encoder =============================
-def save_encoder(path, f, cfg, data):
-    """encoder.pt: f's weights and all that rebuilding and feeding it needs (the settings, the
-    number of input neurons or channels, the neurons kept, the training statistics, the image size)."""
+# ==== The trained encoder outside the run: encoder.pt, load_encoder and fit =========================
+def encoder_state(f, cfg, data):
+    """encoder.pt's contents: f's weights and all that rebuilding and feeding it needs (the settings,
+    the number of inputs, the neurons kept, the training statistics, the image size)."""
     inputs = {"c_in": data.x.shape[1], "mean": data.mean.cpu(), "std": data.std.cpu()}
     if isinstance(data, neural_data.NeuralSplit):
         inputs["keep"] = torch.as_tensor(data.keep)             # (N,) of the recording's neurons
     else:
         inputs["size"], inputs["hw"] = data.size, list(data.x.shape[-2:])
-    save_checkpoint(path, {"format": "myow encoder 1", "config": dataclasses.asdict(cfg), "inputs": inputs,
-                           "encoder": {k: v.cpu() for k, v in f.state_dict().items()}})
+    return {"format": "myow encoder 1", "config": dataclasses.asdict(cfg), "inputs": inputs,
+            "encoder": {k: v.cpu() for k, v in f.state_dict().items()}}
 
 def load_encoder(path, device="cpu"):
     """The encoder of a finished run as a function from raw inputs to y = f(x), (n, D): firing rates
@@ -1308,18 +1279,24 @@ def load_encoder(path, device="cpu"):
     or uint8 images (n, C, H, W). Inputs are normalised with the training statistics; BatchNorm is
     in eval mode. Three lines: `f = myow.load_encoder("runs/c1/encoder.pt"); y = f(rates)`."""
     try:
-        saved = torch.load(path, map_location=device, weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
         assert saved["format"] == "myow encoder 1"
-        cfg, inputs = Config(**saved["config"]), saved["inputs"]
+        return embedder(saved, device)
     except FileNotFoundError:
         raise
     except Exception as e:
         raise ValueError(f"{path} is not an encoder.pt written by myow.py ({type(e).__name__}: {e}); "
                          f"give the encoder.pt in the --out folder of a finished run") from None
+
+def embedder(saved, device="cpu"):
+    """The function load_encoder returns, from encoder.pt's contents (settings of an older version that
+    this one no longer has are left out)."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    cfg, inputs = Config(**{k: v for k, v in saved["config"].items() if k in names}), saved["inputs"]
     f = encoder(cfg, inputs["c_in"], cfg.sup_dropout if cfg.method == "supervised" else 0.0)[0]
     f.load_state_dict(saved["encoder"])
     f.to(device).eval()
-    mean, std = inputs["mean"], inputs["std"]
+    mean, std = inputs["mean"].to(device), inputs["std"].to(device)
     neural = "keep" in inputs
     n_in = len(inputs["keep"]) if neural else inputs["c_in"]
     want = (f"firing rates (T, {n_in}) in Hz, the training recording's neurons in its order" if neural else
@@ -1341,13 +1318,27 @@ def load_encoder(path, device="cpu"):
             raise ValueError(f"firing rate at row {t}, neuron {n} is {x[t, n].item()}; remove or interpolate "
                              f"non-finite values")
         if neural:
-            x = (x.float()[:, inputs["keep"]] - mean) / std
+            x = (x.float()[:, inputs["keep"].to(device)] - mean) / std
         else:
             x = image_inputs(x, mean, std, inputs["size"])
         return torch.cat([f(c).float() for c in x.split(1024)])
     return embed
 
-# ==== --out: the log, the files of a run, and never overwriting one silently =======================
+def fit(rates, trial=None, time=None, labels=None, bin_s=None, **settings):
+    """What `python myow.py --dataset npz` runs, on arrays in memory (a notebook): rates (T, N) in Hz and
+    what an npz may hold beside them (README), settings by their flags' names (steps=150, out="runs/x").
+    Returns the results (the JSON line's object) and the encoder as load_encoder returns it."""
+    argv = ["--dataset", "npz"]
+    for name, value in settings.items():
+        flag = "--" + name.replace("_", "-")
+        argv += [flag] if value is True else [] if value is False else [flag, str(value)]
+    cfg = parse_config(argv, arrays=True)
+    arrays = dict(firing_rates=rates, trial=trial, time=time, labels=labels, bin_s=bin_s)
+    rec = neural_data.from_arrays("arrays", {k: np.asarray(v) for k, v in arrays.items() if v is not None})
+    result, saved = run(cfg, rec)
+    return result, saved and embedder(saved)
+
+# ==== --out: the log, the files of a run, never two runs in one folder nor one overwritten ==========
 def make_logger(cfg):
     path = os.path.join(cfg.out, "log.jsonl") if cfg.out else None
 
@@ -1368,14 +1359,31 @@ def make_logger(cfg):
                   + f"{rate:,.0f} samples/s | ETA {eta:.0f}s", flush=True)
     return log
 
-OUT_FILES = ("config.json", "log.jsonl", "results.json", "checkpoint.pt", "encoder.pt", "embeddings.tsv",
-             "metadata.tsv", "mined_views.png")
+OUT_FILES = ("config.json", "log.jsonl", "results.json", "checkpoint.pt", "encoder.pt", "mined_views.png")
+
+def lock_out(out):
+    """One run a folder: an exclusive lock on --out/.lock, held while this process lives (the operating
+    system releases it when the process ends, even by kill -9). Another live run's is refused."""
+    os.makedirs(out, exist_ok=True)
+    fh = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        raise ConfigError(f"--out {out} is being written by another run (process {fh.read().strip() or '?'}); "
+                          f"wait for it to end, or give another --out") from None
+    fh.truncate(0)
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
 
 def prepare_out(cfg, rank):
     """Never overwrite a run silently: continue it (--resume) or replace it (--overwrite). A run
-    stopped before its first checkpoint kept nothing worth keeping: the same command starts it again."""
+    stopped before its first checkpoint kept nothing worth keeping: the same command starts it again.
+    Returns the checkpoint to resume from, and the lock that keeps a second run out."""
     if not cfg.out:
-        return None
+        return None, None
+    lock = lock_out(cfg.out) if rank == 0 else None
     ours = [f for f in OUT_FILES if os.path.exists(os.path.join(cfg.out, f))]
     again = bool(ours) and set(ours) <= {"config.json", "log.jsonl"}      # started, nothing kept
     state = load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), cfg) if cfg.resume and not again else None
@@ -1385,7 +1393,6 @@ def prepare_out(cfg, rank):
     if dist.is_initialized():
         dist.barrier()                             # every rank has looked before rank 0 writes
     if rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
         if cfg.overwrite and not cfg.resume or again:
             for f in ours:
                 os.remove(os.path.join(cfg.out, f))
@@ -1400,18 +1407,18 @@ def prepare_out(cfg, rank):
             write_atomic(log, "".join(keep).encode())
         config = json.dumps(dataclasses.asdict(cfg), indent=1)
         write_atomic(os.path.join(cfg.out, "config.json"), config.encode())
-    return state
+    return state, lock
 
 def seconds_per_step(cfg, data, device):
     """One training step's time, measured on a throwaway copy of the setup (train seeds every random
     stream itself: this changes no result). None where it would cost a compile or a collective."""
     if cfg.compile or dist.is_initialized() or cfg.method not in ("myow", "byol"):
         return None
-    nets = setup_training(cfg, data, device)[3]
+    model, online, target, _ = setup_training(cfg, data, device)
     s, c = (torch.arange(n, device=device) % len(data) for n in (cfg.batch_size, pool_size(cfg)))
     for _ in range(2):                                   # the first step pays one-off costs
         t = time.time()
-        myow_step(cfg, data, nets, s, c, 1.0, 0, 1)[0].backward()
+        myow_step(cfg, data, online, target, s, c, 1.0)[0].backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
     return time.time() - t
@@ -1420,28 +1427,29 @@ def peak_host_mb():                                   # the largest resident mem
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
 
-def tsv(feats):                                      # (n, D) -> the projector's embeddings.tsv
-    text = io.StringIO()
-    np.savetxt(text, feats, delimiter="\t", fmt="%.5g")
-    return text.getvalue().encode()
-
-def run(cfg):
+def run(cfg, rec=None):
+    """One run: data, training, the readout, the files in --out, the JSON line. rec: a recording given
+    as arrays (fit). Returns the results and encoder.pt's contents (rank 0; other ranks None)."""
     t_start = time.time()
     rank, world, device = setup_distributed(cfg)
-    check_memory(cfg, device, world)
     if cfg.dataset in NEURAL:
-        rec, splits, split_idx, pretrain = neural_data.load_neural(cfg, device)
-        about = f"{len(rec.rates)} bins x {splits[0].x.shape[1]} neurons"
-        if pretrain.min_gap_s != cfg.min_gap_s:
-            gap = pretrain.min_gap_s               # one continuous recording: 1/24 of it (neural_data)
-            about += f", one continuous recording: mined views >= {gap:.4g} s away (--min-gap-s)"
+        rec, splits, _, pretrain = neural_data.load_neural(cfg, device, rec)
+        about = ", ".join([f"{len(rec.rates)} bins x {splits[0].x.shape[1]} neurons"] + [rec.about] * bool(rec.about))
+        if pretrain.min_gap_s != cfg.min_gap_s:    # a recording split in time: 1/24 of it (neural_data)
+            about += f", split in time: mined views >= {pretrain.min_gap_s:.4g} s away (--min-gap-s)"
     else:
-        rec, splits = None, load_images(cfg, device)
+        splits = load_images(cfg, device)
         splits.insert(1, None)                                   # public train/test split, no validation
         pretrain = splits[0]
         about = f"images {tuple(splits[0].x.shape[1:])}"
     check_config(cfg, pretrain, world)
-    state = prepare_out(cfg, rank)
+    state, lock = prepare_out(cfg, rank)
+    with lock or nullcontext():                     # held until the run ends, however it ends
+        return train_and_read_out(cfg, splits, pretrain, about, state, device, t_start)
+
+def train_and_read_out(cfg, splits, pretrain, about, state, device, t_start):
+    """The rest of a run: the first line, training, the readout, the files in --out, the JSON line."""
+    rank, world = rank_world()
     if rank == 0 and state and state.get("conditions", conditions(device)) != conditions(device):
         print(f"note: the checkpoint was written with {state['conditions']}, this run has "
               f"{conditions(device)}: it goes on, but will not end bit-identical to an uninterrupted run",
@@ -1463,7 +1471,7 @@ def run(cfg):
     else:
         knn = cfg.eval_every and splits[0].classes                    # a k-NN monitor needs classes
         monitor = (lambda f: knn_accuracy(f, splits[0], splits[2])) if knn else None
-        model, last = train(cfg, pretrain, device, make_logger(cfg), rank, world, state, monitor)
+        model, last = train_logged(cfg, pretrain, device, state, monitor)
         f = model.net.f
     train_seconds = time.time() - t0
     if rank != 0:                    # wait for rank 0's evaluation: ranks that leave the process
@@ -1484,30 +1492,21 @@ def run(cfg):
               "steps": steps * trained, "peak_host_mb": round(peak_host_mb())}
     if device.type == "cuda":
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)
+    saved = encoder_state(f, cfg, pretrain) if trained else None        # raw has no encoder to keep
     if cfg.out:
-        if cfg.method != "raw":                                    # raw has no encoder to keep
-            save_encoder(os.path.join(cfg.out, "encoder.pt"), f, cfg, pretrain)
-        if cfg.save_embeddings:
-            if rec is not None:                        # the ring of reach directions of Fig. 3C, say
-                meta = neural_data.projector_metadata(rec, split_idx)
-                embeddings = torch.cat(feats[:3])
-            else:                                      # images: the test set, one label a row
-                meta = "split\tlabel\n" + "".join(f"test\t{l}\n" for l in labels[2].tolist())
-                embeddings = feats[2]
-            write_atomic(os.path.join(cfg.out, "embeddings.tsv"), tsv(embeddings.cpu().numpy()))
-            write_atomic(os.path.join(cfg.out, "metadata.tsv"), meta.encode())
+        if saved:
+            save_checkpoint(os.path.join(cfg.out, "encoder.pt"), saved)
         write_atomic(os.path.join(cfg.out, "results.json"), json.dumps(result, indent=1).encode())
     print(json.dumps(result), flush=True)
     if world > 1:
         dist.barrier()
-    return result
+    return result, saved
 
 def resume_command(argv):
-    """The command that continues this run: its own flags, --resume, and torchrun's process count."""
+    """The command that continues this run: its own flags and --resume, under torchrun if it was."""
     flags = [a for a in argv if a not in ("--resume", "--overwrite")] + ["--resume"]
-    here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    torchrun = "RANK" in os.environ and "--nproc-per-node" not in argv
-    launcher = ["torchrun", "--nproc_per_node", str(here)] if torchrun else ["python"]
+    here = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    launcher = ["torchrun", "--nproc_per_node", here] if "RANK" in os.environ else ["python"]
     return shlex.join(launcher + [os.path.relpath(__file__)] + flags)
 
 def stop_line(e, cfg, argv):
@@ -1518,35 +1517,15 @@ def stop_line(e, cfg, argv):
     again = shlex.join(["python", os.path.relpath(__file__)] + list(argv))
     return f"stopped: {e}; nothing was kept yet; the same command starts again: {again}"
 
-def launch(cfg, argv):
-    """--nproc-per-node N: torch's launcher (torchrun) runs N processes of this command. Called from
-    here, a run stopped by a signal ends with the signal's status, not the launcher's traceback."""
-    import logging
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun
-    for name in list(logging.root.manager.loggerDict):        # the workers say what happened: the
-        if name.startswith("torch.distributed"):               # agent's warnings are not for the user
-            logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        torchrun(["--standalone", f"--nproc_per_node={cfg.nproc_per_node}", __file__, *argv])
-    except SignalException as e:
-        sys.exit(128 + e.sigval)
-    except ChildFailedError as e:                   # each worker has printed its own line
-        code = min(f.exitcode for f in e.failures.values())
-        sys.exit(code if code > 0 else 128 - code)  # -15: killed by SIGTERM
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = None
 
     def stop(signum, frame):                        # outside training, a signal stops at once
         raise Stopped(signum, "before the end of the run")
-    before = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    before = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         cfg = parse_config(argv)
-        if cfg.nproc_per_node > 1 and "RANK" not in os.environ:
-            return launch(cfg, argv)
         run(cfg)
     except ConfigError as e:                    # a setting refused: argparse's status for usage errors
         print(f"error: {e}", file=sys.stderr)
@@ -1556,13 +1535,13 @@ def main(argv=None):
         sys.exit(1)
     except (Stopped, KeyboardInterrupt) as e:   # a signal: 128 + its number, as a shell reports
         e = e if isinstance(e, Stopped) else Stopped(signal.SIGINT, "before the end of the run")
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if rank_world()[0] == 0:
             print(stop_line(e, cfg, argv), file=sys.stderr)
         sys.exit(128 + e.signum)
     except RuntimeError as e:                   # out of memory: CUDA's own error, the CPU allocator's
         if not isinstance(e, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
-        setting = largest_setting(cfg, dist.get_world_size() if dist.is_initialized() else 1)
+        setting = largest_setting(cfg)
         print(f"error: out of memory ({str(e).splitlines()[0]}); lower {setting}, the setting that sizes "
               f"this run's memory most; the last checkpoint in --out is kept", file=sys.stderr)
         sys.exit(1)

@@ -38,6 +38,7 @@ class Recording:
     labels: np.ndarray | None  # (T,) int64 class (reach direction 0..7, arousal state), or (T, d)
     task: str               # float32 behaviour: 'reach' (8 directions), 'state', 'continuous' or 'none'
     bin_s: float            # bin width in seconds
+    about: str = ""         # what the first line of a run should say of it (the labels read, the segments)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,12 +56,14 @@ def bin_spikes(spike_times, units, n_units, edges, rate=False):
     return counts / np.diff(edges)[:, None].astype(np.float32) if rate else counts
 
 
+FEW_TRIALS = 10    # fewer trials than this: one continuous recording, or a few sessions back to back
+
+
 def temporal_split(trial, fractions=(0.7, 0.1, 0.2)):
-    """Train/validation/test sample indices in recording order (Appendix D: 70/10/20). Whole
-    trials go to one split; a single continuous trial is split by time instead."""
+    """Train/validation/test sample indices in recording order (Appendix D: 70/10/20). Whole trials go
+    to one split; a recording of fewer than FEW_TRIALS trials is split by time instead."""
     trial = np.asarray(trial)
-    _, first = np.unique(trial, return_index=True)
-    groups = trial if len(first) > 1 else np.arange(len(trial))   # unit of splitting
+    groups = trial if len(np.unique(trial)) >= FEW_TRIALS else np.arange(len(trial))   # unit of splitting
     order = np.unique(groups, return_index=True)[1]
     ids = groups[np.sort(order)]                                  # groups in recording order
     n_train = int(round(fractions[0] * len(ids)))
@@ -214,9 +217,7 @@ def load_mouse(data_dir, download=True):
 
 
 def load_npz(path):
-    """A user's recording: `firing_rates` (T, N) and `trial` ids or `time` stamps (s), optional
-    `labels`: (T,) integer classes, or floats (T,) or (T, d) of a continuous behaviour (decoded with R²);
-    optional `bin_s`. See the README for how to make one."""
+    """A user's recording as `np.savez` wrote it: the arrays of `from_arrays` (README: your own recording)."""
     if not os.path.exists(path):
         raise DataError(f"--data-file {path} does not exist")
     try:
@@ -225,6 +226,13 @@ def load_npz(path):
     except (ValueError, OSError, TypeError, AttributeError, EOFError) as e:    # not a zip of plain arrays
         raise DataError(f"--data-file {path} is not a NumPy .npz archive of plain arrays "
                         f"({type(e).__name__}); write it with np.savez (README)") from None
+    return from_arrays(path, f)
+
+
+def from_arrays(path, f):
+    """A recording from arrays: `firing_rates` (T, N) in Hz and `trial` ids or `time` stamps (s), optional
+    `labels`: (T,) integer classes, or floats (T,) or (T, d) of a continuous behaviour (decoded with R²);
+    optional `bin_s`. `path` names where they came from in messages."""
     if "firing_rates" not in f or not ({"trial", "time"} & f.keys()):
         raise DataError(f"{path} holds {sorted(f)}; it needs 'firing_rates' (T, N) and 'trial' or 'time'")
     rates = np.asarray(f["firing_rates"], np.float32)
@@ -237,6 +245,14 @@ def load_npz(path):
     for k, v in (("trial", trial), ("time", time)):
         if v.shape != (T,):
             raise DataError(f"{k} in {path} has shape {v.shape}; expected ({T},) like firing_rates")
+    same, step = np.diff(trial) == 0, np.diff(time)
+    if (same & (step == 0)).any():
+        i = np.flatnonzero(same & (step == 0))[0]
+        raise DataError(f"{path}: bins {i} and {i + 1} of one trial have the same time {time[i]} s; give "
+                        f"each bin its own time, or separate trials with 'trial'")
+    restart = same & (step < 0)              # a clock that restarts: a new segment, as a new trial is
+    about = f"{restart.sum() + 1} segments (time restarts at bin {np.argmax(restart) + 1})" if restart.any() else ""
+    trial = np.r_[0, np.cumsum(~same | restart)]                  # trials (segments) 0, 1, ... in order
     labels, task = f.get("labels"), "none"
     if labels is not None:
         continuous = labels.dtype.kind == "f"                  # a behaviour, decoded with R²
@@ -245,7 +261,7 @@ def load_npz(path):
                             f"or ({T},) or ({T}, d) floats")
         labels = labels.reshape(T, -1).astype(np.float32) if continuous else labels.astype(np.int64)
         task = "continuous" if continuous else "state"
-    return Recording(os.path.basename(path), rates, trial, time, labels, task, bin_s)
+    return Recording(os.path.basename(path), rates, trial, time, labels, task, bin_s, about)
 
 
 def _time_in_trial(trial):
@@ -253,39 +269,74 @@ def _time_in_trial(trial):
     return np.arange(len(trial)) - np.repeat(start, np.diff(np.r_[start, len(trial)]))
 
 
-def load_phy(folder, bin_s, groups=("good",)):
-    """A spike sorter's output (Kilosort / Phy folder) binned at `bin_s` s: spike_times.npy (samples),
-    spike_clusters.npy (else spike_templates.npy), cluster_group.tsv (curated; else cluster_KSLabel.tsv)
-    naming each cluster good / mua / noise, params.py with sample_rate. Units of `groups` only, in
-    cluster-id order; params.py is read as data (Phy's reader executes it). One continuous trial."""
+def label_table(folder):
+    """The cluster labels of a sorter's folder: {cluster id: label} from the first table found, a curated
+    one (column `group`: Phy's cluster_group.tsv, cluster_info.tsv, Phy 1's cluster_groups.csv) before
+    Kilosort's own (column `KSLabel`: its cluster_group.tsv copy, cluster_KSLabel.tsv), and its name;
+    ({}, None) where there is none. Tab or comma separated; a blank label stays blank."""
+    found = []
+    for name in ("cluster_group.tsv", "cluster_info.tsv", "cluster_groups.csv", "cluster_KSLabel.tsv"):
+        if os.path.exists(os.path.join(folder, name)):
+            with open(os.path.join(folder, name)) as fh:
+                rows = [line.rstrip("\r\n").replace(",", "\t").split("\t") for line in fh if line.strip()]
+            head = [h.strip() for h in rows[0]] if rows else []
+            ids = [c for c in ("cluster_id", "id") if c in head]
+            found += [(column != "group", name, rows, head.index(ids[0]), head.index(column))
+                      for column in ("group", "KSLabel") if column in head and ids]
+    if not found:
+        return {}, None
+    _, name, rows, i, j = min(found, key=lambda t: t[0])                 # curated first, then in order
+    try:
+        return {int(r[i]): r[j].strip() if len(r) > j else "" for r in rows[1:]}, name
+    except (ValueError, IndexError):
+        raise DataError(f"{os.path.join(folder, name)}: a row without a whole-number cluster id; give the "
+                        f"table Kilosort or Phy wrote") from None
+
+
+def load_phy(folder, bin_s, groups=("good",), sample_rate=0.0):
+    """A spike sorter's folder (Kilosort, Phy) binned at `bin_s` s: spike_times.npy in samples, (n,) or
+    (n, 1), spike_clusters.npy (else spike_templates.npy), the sampling rate from params.py (read as data,
+    never run) or `sample_rate` (--sample-rate; it wins). Units: the clusters the label table (label_table)
+    names one of `groups`, in cluster-id order (a cluster it leaves out or blank is unsorted); with no
+    table, every cluster. One continuous trial."""
     def path(*names):
         found = [os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))]
         if not found:
             raise DataError(f"{folder} holds no {' or '.join(names)}: give the folder Kilosort or Phy wrote")
         return found[0]
     params = {}
-    for line in open(path("params.py")):
-        key, _, value = line.partition("=")
-        try:
-            params[key.strip()] = ast.literal_eval(value.strip())   # literals only: nothing runs
-        except (ValueError, SyntaxError):
-            pass
-    if not isinstance(params.get("sample_rate"), (int, float)) or params["sample_rate"] <= 0:
-        raise DataError(f"{path('params.py')} gives no sample_rate (a number of samples per second)")
+    if os.path.exists(os.path.join(folder, "params.py")):
+        for line in open(os.path.join(folder, "params.py")):
+            key, _, value = line.partition("=")
+            try:
+                params[key.strip()] = ast.literal_eval(value.strip())   # literals only: nothing runs
+            except (ValueError, SyntaxError):
+                pass
+    rate = sample_rate or params.get("sample_rate")
+    if not isinstance(rate, (int, float)) or rate <= 0:
+        raise DataError(f"{folder} gives no sampling rate (no params.py with sample_rate); give the rate "
+                        f"spike_times.npy counts samples at: --sample-rate HZ (Neuropixels: 30000)")
     samples = np.load(path("spike_times.npy"), allow_pickle=False).ravel().astype(np.int64)
     clusters = np.load(path("spike_clusters.npy", "spike_templates.npy"), allow_pickle=False).ravel()
-    with open(path("cluster_group.tsv", "cluster_KSLabel.tsv")) as fh:
-        table = [line.replace(",", "\t").split() for line in fh][1:]           # tab or comma, a header
-    units = np.array(sorted(int(r[0]) for r in table if len(r) > 1 and r[1] in groups), np.int64)
-    if len(samples) != len(clusters) or not len(units) or samples.min(initial=0) < 0:
-        raise DataError(f"{folder}: {len(samples)} spike times, {len(clusters)} cluster ids and {len(units)} "
-                        f"units labelled {' or '.join(groups)}; the files do not belong together")
+    if len(samples) != len(clusters) or samples.min(initial=0) < 0:
+        raise DataError(f"{folder}: {len(samples)} spike times (samples >= 0) and {len(clusters)} cluster ids; "
+                        f"the files do not belong together")
+    labels, table = label_table(folder)
+    if table:
+        units = np.array(sorted(c for c, g in labels.items() if g in groups), np.int64)
+        counts = [f"{sum(labels[u] == g for u in units)} {g}" for g in groups]
+        about = f"{table}: {' + '.join(counts)} units"
+    else:
+        units = np.unique(clusters).astype(np.int64)
+        about = f"no cluster labels: all {len(units)} clusters"
+    if not len(units):
+        raise DataError(f"{folder}: no cluster is labelled {' or '.join(groups)} in {table}; try --units good,mua")
     unit = np.searchsorted(units, clusters)                      # position of each spike's unit
     mine = (unit < len(units)) & (units[np.minimum(unit, len(units) - 1)] == clusters)
-    per_bin = float(params["sample_rate"]) * bin_s               # samples a bin: whole samples are
+    per_bin = float(rate) * bin_s                                # samples a bin: whole samples are
     per_bin = round(per_bin) if abs(per_bin - round(per_bin)) < 1e-6 else per_bin   # divided as integers
     b = (samples[mine] // per_bin).astype(np.int64)              # bins from the recording's first sample
-    order = np.argsort(b, kind="stable")                         # sorted already, as Kilosort writes them
+    order = np.argsort(b, kind="stable")                         # unsorted times are sorted here
     b, unit, n, T = b[order], unit[mine][order], len(units), int(samples.max() // per_bin) + 1
     rates = np.empty((T, n), np.float32)
     for a in range(0, T, 1 << 14):                              # counts in chunks of bins: int64 counts
@@ -294,7 +345,7 @@ def load_phy(folder, bin_s, groups=("good",)):
                                              minlength=min(1 << 14, T - a) * n).reshape(-1, n)
     rates /= bin_s
     return Recording(os.path.basename(os.path.normpath(folder)), rates, np.zeros(T, np.int64),
-                     np.arange(T) * bin_s, None, "none", bin_s)
+                     np.arange(T) * bin_s, None, "none", bin_s, about)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,25 +418,14 @@ def validate(rec):
     return rec
 
 
-def projector_metadata(rec, split_idx):
-    """metadata.tsv of the TensorBoard embedding projector for the rows of embeddings.tsv: one row a
-    bin, in the order of `split_idx` (train, val, test indices into the recording), one header line."""
-    label = {"reach": "direction", "state": "state"}.get(rec.task, "label")
-    def value(i):                                               # a class, or a behaviour's values
-        return "" if rec.labels is None else ",".join(f"{v:g}" for v in np.ravel(rec.labels[i]))
-    rows = [f"{name}\t{rec.trial[i]}\t{rec.time[i]:.2f}\t{value(i)}\n"
-            for name, idx in zip(("train", "val", "test"), split_idx) for i in idx]
-    return f"split\ttrial\ttime_s\t{label}\n" + "".join(rows)
-
-
 def load_recording(name, data_dir="data", data_file=None, seed=0, download=True, size="", bin_s=0.01,
-                   units="good"):
+                   units="good", sample_rate=0.0):
     """The recording called `name` (synthetic, chewie1, chewie2, mihi1, mouse, npz, phy); synthetic with
     a size 'T,N' is a continuous session (synthetic_session)."""
     if name == "synthetic":
         return synthetic_session(*map(int, size.split(",")), seed) if size else synthetic_reach(seed)
     if name == "phy":
-        return load_phy(data_file, bin_s, units.split(","))
+        return load_phy(data_file, bin_s, units.split(","), sample_rate)
     if name in REACH:
         return load_reach(fetch(REACH[name], data_dir, download), name)
     if name == "mouse":
@@ -442,18 +482,18 @@ def rows(idx):
     return slice(idx[0], idx[-1] + 1) if len(idx) and idx[-1] - idx[0] + 1 == len(idx) else idx
 
 
-def load_neural(cfg, device):
-    """The recording, its [train, val, test] splits, their sample indices, and the split that
-    self-supervised training sees (train, or train + val without labels: --pretrain-on).
-    A continuous recording (one trial) has no other trials to mine: with --min-gap-s inf its mask
-    keeps samples 1/24 of its length apart (App. D.2: 30 min of 12 h)."""
-    rec = validate(load_recording(cfg.dataset, cfg.data_dir, cfg.data_file, size=cfg.size, bin_s=cfg.bin_s,
-                                  units=cfg.units))
+def load_neural(cfg, device, rec=None):
+    """The recording (or `rec`, one given as arrays), its [train, val, test] splits, their sample indices,
+    and the split that self-supervised training sees (train, or train + val without labels: --pretrain-on).
+    A recording split in time (fewer than FEW_TRIALS trials) has few other trials to mine: with
+    --min-gap-s inf its mask keeps samples of a trial 1/24 of its length apart (App. D.2: 30 min of 12 h)."""
+    rec = validate(rec or load_recording(cfg.dataset, cfg.data_dir, cfg.data_file, size=cfg.size,
+                                         bin_s=cfg.bin_s, units=cfg.units, sample_rate=cfg.sample_rate))
     idx = temporal_split(rec.trial)
     seen = np.concatenate(idx[:2]) if cfg.pretrain_on == "train+val" else idx[0]   # labels unused
     gap = cfg.min_gap_s
-    if math.isinf(gap) and (rec.trial == rec.trial[0]).all():
-        gap = float(rec.time.max() - rec.time.min()) / 24
+    if math.isinf(gap) and len(np.unique(rec.trial)) < FEW_TRIALS:     # split in time: 1/24 of its length
+        gap = float(sum(np.ptp(rec.time[rec.trial == t]) for t in np.unique(rec.trial))) / 24
     # z-scored with the statistics of the samples training sees (never test), as the authors' code;
     # on Mouse-CA1 validation +0.8 F1 over train-only statistics (README)
     rec.rates = np.ascontiguousarray(rec.rates)     # a sample a row (Mouse-CA1's is transposed): splits

@@ -140,6 +140,37 @@ def test_jitter_window_and_mask_match_the_definition_sample_by_sample(case):
         assert np.array_equal(nd.mining_mask(axis[rows], axis, gap).numpy(), truth), name
 
 
+# --- the method alone: the lines of myow.py above the banner --------------------------------------
+def test_the_method_above_the_banner_runs_alone_and_gives_the_accuracy_of_the_command(tmp_path):
+    """The lines above the banner, saved alone as method.py beside neural_data.py, load no name that
+    is defined below it, and the README's snippet runs on them Algorithm 1 and the readout with
+    exactly the test accuracy of `python myow.py` (same thread count)."""
+    import ast
+    import shutil
+    text = open(os.path.join(HERE, "myow.py")).read()
+    lines = text.splitlines()
+    banner = next(i for i, line in enumerate(lines) if "the method ends here" in line)
+    tree = ast.parse(text)
+    below = {n.name for n in tree.body if n.lineno > banner and isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    below |= {t.id for n in tree.body if n.lineno > banner for t in getattr(n, "targets", [])
+              if isinstance(t, ast.Name)}
+    crossing = {(n.lineno, n.id) for top in tree.body if top.lineno <= banner for n in ast.walk(top)
+                if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id in below}
+    assert not crossing and len(below) > 40, crossing
+    (tmp_path / "method.py").write_text("\n".join(lines[:banner]) + "\n")
+    shutil.copy(os.path.join(HERE, "neural_data.py"), tmp_path)
+    readme = open(os.path.join(HERE, "README.md")).read()
+    snippet = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "method as m" in b][0]
+    (tmp_path / "snippet.py").write_text(snippet)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    alone = subprocess.run([sys.executable, "snippet.py"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert alone.returncode == 0, alone.stderr
+    full = subprocess.run([sys.executable, os.path.join(HERE, "myow.py")], capture_output=True, text=True,
+                          cwd=tmp_path, env=env)
+    assert full.returncode == 0, full.stderr
+    assert float(alone.stdout.split()[-1]) == json.loads(full.stdout.splitlines()[-1])["test_acc"]
+
+
 # --- augmentations (Appendix D.1, J) ----------------------------------------------------------
 def make_split(cfg, rec):
     idx = np.arange(len(rec.rates))
@@ -177,13 +208,13 @@ def test_positive_pair_is_the_anchor_and_a_bin_at_most_the_window_away():
     cfg = myow.Config(dropout_max=0.0, noise_p=0.0, pepper_p=0.0)   # the views are the bins themselves
     data = make_split(cfg, nd.Recording("toy", np.arange(len(rec.rates), dtype=np.float32)[:, None].repeat(3, 1),
                                         rec.trial, rec.time, rec.labels, "reach", 0.1))
-    nets = myow.setup_training(cfg, data, torch.device("cpu"))[3]
+    _, online, target, _ = myow.setup_training(cfg, data, torch.device("cpu"))
     seen = []
-    nets = nets[:4] + (lambda idx, cfg, t_m=False: seen.append(idx) or myow.augment(data, idx, cfg, t_m),) + nets[5:]
+    views = lambda data, idx, cfg, t_m=False: seen.append(idx) or myow.augment(data, idx, cfg, t_m)
     torch.manual_seed(0)
     s = torch.arange(len(data))
     for _ in range(100):
-        myow.myow_step(cfg, data, nets, s[:512], s[:512], 1.0, 0, 1)
+        myow.myow_step(cfg, data, online, target, s[:512], s[:512], 1.0, views)
     x, x2 = torch.stack([v[:512] for v in seen]), torch.stack([v[512:] for v in seen])    # (100, 512)
     assert torch.equal(x, s[:512].expand_as(x))                         # x: the anchor itself
     trial, ms = torch.as_tensor(rec.trial), torch.as_tensor(np.rint(rec.time * 1000).astype(np.int64))
@@ -224,7 +255,7 @@ def test_tau_schedule_per_domain():
         cfg = myow.parse_config(["--tau-schedule", schedule, "--epochs", "4", "--warmup-epochs", "1"])
         pretrain = nd.load_neural(cfg, torch.device("cpu"))[3]
         taus = []
-        myow.train(cfg, pretrain, torch.device("cpu"), lambda rec, **kw: taus.append(rec["tau"]))
+        myow.train(cfg, pretrain, torch.device("cpu"), lambda epoch, rec, *a: taus.append(rec["tau"]))
         total = 4 * (len(pretrain) // cfg.batch_size)                  # steps; logged: each epoch's last
         want = [myow.tau_at(e * total // 4 - 1, total, 0.98, 1.0 if schedule == "cosine" else 0.98)
                 for e in (1, 2, 3, 4)]
@@ -308,19 +339,19 @@ def test_knn_monitor_is_the_weighted_vote_of_the_k_nearest():
     assert myow.knn_accuracy(torch.nn.Identity(), train, test) == 100.0
 
 
-def test_knn_monitor_leaves_training_unchanged():
+def test_knn_monitor_leaves_training_unchanged(tmp_path):
     """--eval-every reads representations without drawing random numbers or touching BatchNorm
     statistics: a run with the monitor ends with exactly the weights of a run without it."""
-    cfg = myow.parse_config(["--epochs", "4", "--warmup-epochs", "1", "--eval-every", "1"])
+    cfg = myow.parse_config(["--epochs", "4", "--warmup-epochs", "1", "--eval-every", "1", "--out", str(tmp_path)])
     rec, splits, _, pretrain = nd.load_neural(cfg, torch.device("cpu"))
     calls = []
 
     def monitor(f):
         calls.append(myow.knn_accuracy(f, splits[0], splits[2]))
         return calls[-1]
-    logged = []
-    with_m, _ = myow.train(cfg, pretrain, torch.device("cpu"), lambda rec, **k: logged.append(rec), monitor=monitor)
-    without, _ = myow.train(cfg, pretrain, torch.device("cpu"), lambda *a, **k: None)
+    with_m, _ = myow.train_logged(cfg, pretrain, torch.device("cpu"), monitor=monitor)
+    logged = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    without = myow.train(cfg, pretrain, torch.device("cpu"))
     assert len(calls) == 4 and [r["knn_acc"] for r in logged] == calls and max(calls) > 20   # chance 12.5
     for (k, v), w in zip(with_m.state_dict().items(), without.state_dict().values()):
         assert torch.equal(v, w), k
@@ -442,10 +473,94 @@ def test_a_phy_folder_bins_to_exactly_the_spikes_of_its_units(tmp_path):
         np.testing.assert_allclose(rec.time[:3], [0, 0.01, 0.02])
     assert not (tmp_path / "ran").exists()                              # the hostile line did not run
     (tmp_path / "ks" / "params.py").write_text("sample_rate = __import__('os').getpid()\n")
-    with pytest.raises(nd.DataError, match="no sample_rate"):
+    with pytest.raises(nd.DataError, match="--sample-rate HZ"):
         nd.load_phy(str(tmp_path / "ks"), 0.01)
     p = run_cli("--dataset", "phy", "--data-file", str(tmp_path / "ks2"), "--units", "good,mua", "--steps", "3")
-    assert p.returncode == 0 and "10001 bins x 3 neurons" in p.stdout, p.stderr
+    assert p.returncode == 0 and "10001 bins x 3 neurons, cluster_KSLabel.tsv: 2 good + 1 mua units" in p.stdout
+
+
+def sorter_folder(folder, rng, n=4000, ids=(0, 1, 2, 5, 9, 12), shape=(-1, 1)):
+    """A spike sorter's arrays: spike times in samples (uint64, Kilosort 2.5's (n, 1) or 4's (n,)), unsorted,
+    and the cluster of each spike (ids 500 and up: clusters a merge in Phy made)."""
+    folder.mkdir()
+    samples = rng.integers(0, 600_000, n).astype(np.uint64)
+    clusters = rng.choice(np.r_[ids, 500, 501], n).astype(np.int32)
+    np.save(folder / "spike_times.npy", samples.reshape(shape))
+    np.save(folder / "spike_clusters.npy", clusters)
+    return samples.astype(np.int64), clusters
+
+
+def binned(samples, clusters, units, per_bin):
+    """Brute force: the spikes of each unit counted in its bin of per_bin whole samples."""
+    counts = np.zeros((samples.max() // per_bin + 1, len(units)), np.float32)
+    for t, c in zip(samples, clusters):
+        if c in units:
+            counts[t // per_bin, units.index(c)] += 1
+    return counts
+
+
+def test_sorter_folders_as_they_are_found_bin_exactly(tmp_path):
+    """Each layout readers meet: a curated table before Kilosort's (cluster_group.tsv with `group` or with
+    Kilosort's `KSLabel` copy, cluster_info.tsv with `id` or `cluster_id`, Phy 1's cluster_groups.csv,
+    cluster_KSLabel.tsv); a cluster listed blank or not at all is unsorted; no table: every cluster; no
+    params.py: --sample-rate; spike times (n, 1) or (n,), unsorted. Counts against brute force."""
+    rng = np.random.default_rng(1)
+    layouts = {   # files beside the spikes -> the table that must be read, the units meant
+        "phy": ({"cluster_group.tsv": "cluster_id\tgroup\n0\tgood\n2\tgood\n5\tmua\n9\t\n500\tgood\n",
+                 "cluster_KSLabel.tsv": "cluster_id\tKSLabel\n0\tgood\n1\tgood\n2\tgood\n"},
+                "cluster_group.tsv: 3 good", [0, 2, 500]),
+        "ks25": ({"cluster_group.tsv": "cluster_id\tKSLabel\n0\tmua\n1\tgood\n12\tgood\n",
+                  "cluster_info.tsv": "id\tKSLabel\tgroup\tch\n0\tmua\tgood\t4\n1\tgood\tnoise\t5\n"
+                                      "12\tgood\t\t7\n"}, "cluster_info.tsv: 1 good", [0]),
+        "phy1": ({"cluster_groups.csv": "cluster_id,group\n1,good\n9,good\n501,mua\n"},
+                 "cluster_groups.csv: 2 good", [1, 9]),
+        "ks4": ({"cluster_KSLabel.tsv": "cluster_id\tKSLabel\n2\tgood\n5\tgood\n9\tmua\n"},
+                "cluster_KSLabel.tsv: 2 good", [2, 5]),
+        "none": ({}, "no cluster labels: all 8 clusters", [0, 1, 2, 5, 9, 12, 500, 501]),
+    }
+    for name, (files, about, units) in layouts.items():
+        samples, clusters = sorter_folder(tmp_path / name, rng, shape=(-1,) if name == "ks4" else (-1, 1))
+        for f, text in files.items():
+            (tmp_path / name / f).write_text(text)
+        if name != "phy1":
+            (tmp_path / name / "params.py").write_text("sample_rate = 30000.0\n")
+        rec = nd.load_phy(str(tmp_path / name), 0.01, sample_rate=30000 if name == "phy1" else 0.0)
+        assert np.array_equal(rec.rates * 0.01, binned(samples, clusters, units, 300)), name
+        assert rec.about.startswith(about), (name, rec.about)
+    with pytest.raises(nd.DataError, match="--sample-rate HZ"):      # no params.py: never a guessed rate
+        nd.load_phy(str(tmp_path / "phy1"), 0.01)
+    np.save(tmp_path / "ks4" / "spike_clusters.npy", np.zeros(7, np.int32))
+    with pytest.raises(nd.DataError, match="4000 spike times .* and 7 cluster ids"):
+        nd.load_phy(str(tmp_path / "ks4"), 0.01)
+    p = run_cli("--dataset", "phy", "--data-file", str(tmp_path / "phy1"), "--steps", "2")
+    one_line_error(p, "--sample-rate HZ")
+    p = run_cli("--dataset", "phy", "--data-file", str(tmp_path / "phy1"), "--steps", "2", "--sample-rate", "30000")
+    assert p.returncode == 0 and "cluster_groups.csv: 2 good units" in p.stdout.splitlines()[0], p.stderr
+    p = run_cli("--dataset", "phy", "--data-file", str(tmp_path / "none"), "--steps", "2")
+    assert p.returncode == 0 and "no cluster labels: all 8 clusters" in p.stdout.splitlines()[0], p.stderr
+
+
+def test_a_clock_that_restarts_begins_a_segment_that_windows_and_the_mask_never_cross(tmp_path):
+    """Two sessions saved one after the other, each from 0 s, without trial ids: time going back starts
+    a new segment, as a new trial would. The run says so; no jitter window holds bins of both; the mask
+    compares times within a segment only; a time stamp repeated within a trial is one line."""
+    T = 4800
+    time = np.r_[np.arange(T), np.arange(T)] * 0.1
+    rates = np.random.default_rng(0).poisson(5, (2 * T, 20)).astype(np.float32)
+    np.savez(tmp_path / "two.npz", firing_rates=rates, time=time)
+    p = run_cli("--dataset", "npz", "--data-file", str(tmp_path / "two.npz"), "--steps", "5")
+    assert p.returncode == 0 and "2 segments (time restarts at bin 4800)" in p.stdout.splitlines()[0], p.stderr
+    rec = nd.load_recording("npz", data_file=str(tmp_path / "two.npz"))
+    assert rec.trial.tolist() == [0] * T + [1] * T
+    lo, hi = nd.jitter_bounds(rec.trial, rec.time, 0.2)
+    assert (lo[T:] >= T).all() and (hi[:T] < T).all()
+    axis = torch.as_tensor(nd.trial_axis(rec.trial, rec.time, 600.0))
+    mask = nd.mining_mask(axis[[0, T]], axis, 600.0)                 # bins at 0 s of either session
+    assert mask[0, T:].all() and mask[1, :T].all()                   # the other segment: any time
+    assert not mask[0, :T].any() and not mask[1, T:].any()           # its own: 480 s long, < 600 s away
+    np.savez(tmp_path / "twice.npz", firing_rates=rates[:10], time=np.r_[0.0, 0.1, 0.1, np.arange(3, 10) * 0.1])
+    one_line_error(run_cli("--dataset", "npz", "--data-file", str(tmp_path / "twice.npz")), "bins 1 and 2",
+                   "same time 0.1 s")
 
 
 def test_a_continuous_behaviour_is_decoded_with_r2_and_a_trained_encoder_beats_an_untrained_one(tmp_path):
@@ -459,7 +574,7 @@ def test_a_continuous_behaviour_is_decoded_with_r2_and_a_trained_encoder_beats_a
     _, splits, _, pretrain = nd.load_neural(cfg, torch.device("cpu"))
     torch.manual_seed(0)
     untrained = myow.build_networks(cfg, pretrain)[0].net.f
-    trained = myow.train(cfg, pretrain, torch.device("cpu"), lambda *a, **k: None)[0].net.f
+    trained = myow.train(cfg, pretrain, torch.device("cpu")).net.f
     r2 = {name: myow.linear_eval(myow.representations(f, splits), [s.labels for s in splits], "continuous", cfg)
           for name, f in (("untrained", untrained), ("trained", trained))}
     assert r2["trained"]["test_r2"] > r2["untrained"]["test_r2"] + 0.3 and r2["trained"]["test_r2"] > 0.5, r2
@@ -494,8 +609,8 @@ def test_a_run_is_steps_or_epochs_and_a_large_recording_gets_a_budget_of_steps()
     logged = []
     cfg = myow.parse_config(["--steps", "7", "--batch-size", "256"])
     pretrain = nd.load_neural(cfg, torch.device("cpu"))[3]
-    myow.train(cfg, pretrain, torch.device("cpu"), lambda rec, **kw: logged.append((rec["epoch"], kw["epochs"])))
-    assert logged == [(1, 2), (2, 2)] and len(pretrain) // 256 == 5        # 5 steps, then 2 of the next epoch
+    myow.train(cfg, pretrain, torch.device("cpu"), lambda epoch, rec, *a: logged.append((epoch + 1, rec["steps"])))
+    assert logged == [(1, 5), (2, 2)] and len(pretrain) // 256 == 5        # 5 steps, then 2 of the next epoch
 
 
 def test_splits_are_views_of_one_copy_of_the_recording():
@@ -509,8 +624,7 @@ def test_splits_are_views_of_one_copy_of_the_recording():
 # --- the command line -------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["myow", "byol"])
 def test_cli_trains_and_prints_json(method, tmp_path):
-    p = run_cli("--epochs", "40", "--method", method, "--warmup-epochs", "4", "--out", str(tmp_path),
-                "--save-embeddings")
+    p = run_cli("--epochs", "40", "--method", method, "--warmup-epochs", "4", "--out", str(tmp_path))
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout.strip().splitlines()[-1])
     for key in ("dataset", "method", "seed", "epochs", "train_seconds", "eval_seconds",
@@ -521,11 +635,10 @@ def test_cli_trains_and_prints_json(method, tmp_path):
     assert (res["mining_class_acc"] is None) == (method == "byol")
     log = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert len(log) == 40 and json.load(open(tmp_path / "results.json")) == res
-    # the trained encoder outside the run: raw rates in Hz -> the same y as embeddings.tsv
+    # the trained encoder outside the run (that it gives the run's y: test_..._its_encoder below)
     f = myow.load_encoder(tmp_path / "encoder.pt")
     rates = nd.synthetic_reach().rates                                  # (T, 96) Hz, recording order
-    emb = np.loadtxt(tmp_path / "embeddings.tsv", delimiter="\t")
-    np.testing.assert_allclose(f(rates).numpy(), emb, rtol=1e-4, atol=1e-4)
+    assert f(rates).shape == (len(rates), 32)
     with pytest.raises(ValueError, match=rf"\(T, 96\).*\({len(rates)}, 90\)"):          # both numbers
         f(rates[:, :90])
     bad = rates.copy()
@@ -554,7 +667,7 @@ cfg = myow.parse_config(["--epochs", "3", "--warmup-epochs", "300", "--dropout-m
                          "--pool-size", "1024"])
 rank, world, device = myow.setup_distributed(cfg)
 rec, splits, _, _ = nd.load_neural(cfg, device)
-model, _ = myow.train(cfg, splits[0], device, lambda *a, **k: None, rank, world)
+model = myow.train(cfg, splits[0], device)
 grad = torch.cat([p.grad.flatten() for p in model.parameters()])      # the last step's gradient
 pool = myow.all_gather(torch.arange(3) + 10 * rank)
 torch.save(dict(params=model.state_dict(), grad=grad, pool=pool), os.path.join({out!r}, f"w{{world}}r{{rank}}.pt"))
@@ -684,11 +797,11 @@ def test_killed_and_resumed_run_ends_like_uninterrupted(tmp_path, uninterrupted)
     assert [json.loads(l)["epoch"] for l in open(out / "log.jsonl")] == list(range(1, 31))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signal_finishes_the_epoch_and_the_printed_command_resumes_exactly(sig, tmp_path, uninterrupted):
-    """Ctrl-C, and SIGTERM as schedulers send it: the epoch ends, a checkpoint is written, the
-    status is 128 + the signal, the last line says how to continue, and doing so ends with exactly
-    the metrics of an uninterrupted run."""
+    """Ctrl-C, SIGTERM as schedulers send it, SIGHUP as a closed terminal or a dropped ssh connection
+    sends it: the epoch ends, a checkpoint is written, the status is 128 + the signal, the last line
+    says how to continue, and doing so ends with exactly the metrics of an uninterrupted run."""
     proc = subprocess.Popen([sys.executable, "myow.py", *FAST, "--out", str(tmp_path)], cwd=HERE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
@@ -705,14 +818,15 @@ def test_signal_finishes_the_epoch_and_the_printed_command_resumes_exactly(sig, 
     assert {k: json.loads(resumed.stdout.strip().splitlines()[-1])[k] for k in METRICS} == uninterrupted
 
 
-def test_sigterm_under_the_launcher_stops_every_rank_and_resumes_exactly(tmp_path):
-    """--nproc-per-node 2 runs torch's launcher: SIGTERM to it reaches both ranks, which finish the
-    same epoch and write one checkpoint; the launcher ends with 143 and no traceback, and the printed
-    command ends with the metrics of an uninterrupted torchrun run."""
+def test_sigterm_under_torchrun_stops_every_rank_and_the_printed_command_resumes_exactly(tmp_path):
+    """SIGTERM to torchrun reaches both ranks, which finish the same epoch and write one checkpoint;
+    rank 0's line names the torchrun command that continues, and it ends with the metrics of an
+    uninterrupted torchrun run. (torchrun's own agent then ends with status 1 and its traceback.)"""
     full = torchrun(2, "myow.py", *FAST, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-3000:]
     out = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, "myow.py", *FAST, "--out", str(out), "--nproc-per-node", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "myow.py", *FAST, "--out", str(out)],
                             cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     for line in proc.stdout:
@@ -720,56 +834,41 @@ def test_sigterm_under_the_launcher_stops_every_rank_and_resumes_exactly(tmp_pat
             proc.send_signal(signal.SIGTERM)
             break
     err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
     assert 7 <= torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] < 30
-    assert err.count("stopped: ") == 1 and "W1" not in err, err[-3000:]        # rank 0's line, no agent log
+    assert err.count("stopped: SIGTERM after epoch") == 1, err[-3000:]        # rank 0's line
     command = shlex.split(err.split("continue with: ")[1].splitlines()[0])
-    assert command[:2] == ["python", "myow.py"] and "--nproc-per-node" in command, err[-3000:]
-    resumed = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, cwd=HERE, timeout=240,
-                             env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert command[:3] == ["torchrun", "--nproc_per_node", "2"] and command[-1] == "--resume", err[-3000:]
+    resumed = torchrun(2, *command[3:])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = (json.loads([l for l in p.stdout.splitlines() if l.startswith("{")][0]) for p in (full, resumed))
     assert {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}
 
 
-SLOW_EVAL = (*FAST, "--eval-epochs", "1500")          # a final evaluation of a few seconds to stop in
-
-
-@pytest.fixture(scope="module")
-def uninterrupted_slow_eval(tmp_path_factory):
-    full = run_cli(*SLOW_EVAL, "--out", str(tmp_path_factory.mktemp("full")))
-    assert full.returncode == 0, full.stderr
-    return {k: json.loads(full.stdout.strip().splitlines()[-1])[k] for k in METRICS}
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-@pytest.mark.parametrize("moment", ["start-up", "before the first epoch", "the final evaluation"])
-def test_a_signal_at_any_moment_is_one_line_and_the_printed_command_finishes(moment, sig, tmp_path,
-                                                                               uninterrupted_slow_eval):
-    """Outside training too (while torch loads, after config.json and before the first checkpoint,
-    in the final evaluation): status 128 + the signal, one line saying what was kept and the command
-    that goes on, and that command ends with the metrics of an uninterrupted run."""
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "myow.py", *SLOW_EVAL, "--out", str(out)], cwd=HERE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if moment == "start-up":
-        time.sleep(0.3)                                             # importing torch takes seconds
-    for line in proc.stdout if moment != "start-up" else []:
-        if moment == "before the first epoch" and line.startswith("synthetic:"):    # config.json is written
-            break
-        if line.startswith("epoch   30/"):                          # training is over, the readout begins
-            time.sleep(0.5)
-            break
-    proc.send_signal(sig)
-    err = proc.communicate(timeout=60)[1]
-    assert proc.returncode == 128 + sig and len(err.strip().splitlines()) == 1, err
+@pytest.mark.parametrize("moment", ["seconds_per_step", "representations"])
+def test_a_signal_outside_training_is_one_line_and_the_printed_command_finishes(moment, sig, tmp_path, monkeypatch,
+                                                                                capsys, uninterrupted):
+    """Outside training too (after config.json is written and before training, when the first line's
+    estimate is measured; in the final readout): status 128 + the signal, one line saying what was kept
+    and the command that goes on, and that command ends with the metrics of an uninterrupted run."""
+    real = getattr(myow, moment)
+
+    def signalled(*a, **k):
+        os.kill(os.getpid(), sig)
+        return real(*a, **k)
+    monkeypatch.setattr(myow, moment, signalled)
+    with pytest.raises(SystemExit) as e:
+        myow.main([*FAST, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 128 + sig and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"stopped: {signal.Signals(sig).name}") and "Traceback" not in err, err
-    kept = moment == "the final evaluation"
+    kept = moment == "representations"
     assert ("is kept; continue with: " in err) == kept and ("nothing was kept" in err) != kept, err
     command = shlex.split(err.split("continue with: " if kept else "starts again: ")[1])
-    again = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, cwd=HERE, timeout=240)
+    assert command[:2] == ["python", os.path.relpath(os.path.join(HERE, "myow.py"))], command
+    again = run_cli(*command[2:])
     assert again.returncode == 0, again.stderr
-    assert {k: json.loads(again.stdout.strip().splitlines()[-1])[k] for k in METRICS} == uninterrupted_slow_eval
+    assert {k: json.loads(again.stdout.strip().splitlines()[-1])[k] for k in METRICS} == uninterrupted
 
 
 def test_a_resume_under_other_threads_says_it_will_not_be_bit_identical(tmp_path):
@@ -833,32 +932,25 @@ def test_a_failed_write_ends_in_one_line_and_keeps_the_last_checkpoint(tmp_path,
     assert myow.main(argv + ["--resume"]) is None and (tmp_path / "results.json").exists()
 
 
-def test_settings_too_large_for_memory_are_refused_before_any_data(monkeypatch, capsys, tmp_path):
-    """A mistyped setting that sizes a tensor: one line naming that flag (not another) and the
-    memory, exit 2, before any data is built."""
-    monkeypatch.setattr(myow, "load_images", lambda *a: pytest.fail("data built"))
-    monkeypatch.setattr(nd, "load_neural", lambda *a: pytest.fail("data built"))
-    for argv, flag in ((["--dataset", "dsprites", "--pool", "fresh", "--pool-size", "100000000"], "--pool-size"),
-                       (["--batch-size", "1000000000"], "--batch-size"),
-                       (["--eval-batch-size", "1000000000000"], "--eval-batch-size"),
-                       (["--rep-dim", "100000000"], "--rep-dim"), (["--hidden", "1000000"], "--hidden"),
-                       (["--dataset", "cifar10", "--proj-hidden", "100000000"], "--proj-hidden"),
-                       (["--pred-hidden", "100000000"], "--pred-hidden")):
+def test_settings_too_large_for_memory_end_in_one_line_naming_the_setting(capsys, tmp_path):
+    """A mistyped setting that sizes a tensor far beyond any machine (terabytes): one line naming
+    that flag (not another) and torch's figure, exit 1, before training starts."""
+    for argv, flag in ((["--hidden", "1000000"], "--hidden"), (["--pred-hidden", "1000000000"], "--pred-hidden")):
         with pytest.raises(SystemExit) as e:
             myow.main(argv + ["--out", str(tmp_path / "run")])
         err = capsys.readouterr().err
-        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and f"{flag} {argv[-1]}" in err, err
-        assert "GiB" in err and "available" in err and not (tmp_path / "run").exists()
+        assert e.value.code == 1 and len(err.strip().splitlines()) == 1 and f"lower {flag} {argv[-1]}" in err, err
+        assert "out of memory" in err and "bytes" in err and not (tmp_path / "run" / "log.jsonl").exists()
 
 
 def test_out_of_memory_during_a_run_is_one_line_naming_what_to_lower(monkeypatch, capsys, tmp_path):
     step = myow.myow_step
 
-    def runs_out(cfg, data, nets, s, c, *a):
+    def runs_out(cfg, data, online, target, s, c, *a):
         if int(s[0]) % 7 == 0:
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
                                "you tried to allocate 160000000000 bytes. Error code 12")
-        return step(cfg, data, nets, s, c, *a)
+        return step(cfg, data, online, target, s, c, *a)
     monkeypatch.setattr(myow, "myow_step", runs_out)
     with pytest.raises(SystemExit) as e:
         myow.main(["--epochs", "30", "--out", str(tmp_path)])
@@ -917,6 +1009,44 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 4   # 2 steps/epoch
 
 
+def test_a_second_run_on_a_folder_in_use_is_refused_and_kill_9_leaves_nothing_that_blocks(tmp_path):
+    """One run a folder: the same command launched twice (a job submitted twice) is refused in one line
+    naming the process that writes the folder, before the first checkpoint too; the operating system
+    releases the lock at kill -9, and the folder is taken up again."""
+    out = tmp_path / "run"
+    argv = ["--epochs", "3000", "--ckpt-every", "2000", "--out", str(out)]
+    first = subprocess.Popen([sys.executable, "myow.py", *argv], cwd=HERE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert first.stdout.readline().startswith("synthetic:")          # --out prepared, the lock held
+    second = run_cli(*argv)
+    assert second.returncode == 2
+    one_line_error(second, f"--out {out} is being written by another run (process {first.pid})")
+    first.kill()
+    first.communicate()
+    again = run_cli("--epochs", "2", "--out", str(out))
+    assert again.returncode == 0 and (out / "results.json").exists(), again.stderr
+
+
+def test_fit_on_arrays_gives_the_metrics_of_the_npz_command(tmp_path, capsys):
+    """From Python: myow.fit(rates, time=..., labels=..., steps=60) runs what --dataset npz runs on the
+    same arrays, to the digit, and returns the encoder as load_encoder returns it."""
+    rec = nd.synthetic_session(6000, 30)
+    np.savez(tmp_path / "s.npz", firing_rates=rec.rates, time=rec.time, labels=rec.labels)
+    myow.main(["--dataset", "npz", "--data-file", str(tmp_path / "s.npz"), "--steps", "60"])
+    cli = json.loads(capsys.readouterr().out.splitlines()[-1])
+    result, f = myow.fit(rec.rates, time=rec.time, labels=rec.labels, steps=60, out=str(tmp_path / "fit"))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("npz: 6000 bins x 30 neurons") and "60 steps" in first
+    metrics = [k for k in cli if k.startswith(("test_", "val_")) or k in ("eval_weight_decay", "steps")]
+    assert len(metrics) >= 5 and {k: result[k] for k in metrics} == {k: cli[k] for k in metrics}
+    assert result["test_r2"] > 0.5
+    torch.testing.assert_close(f(rec.rates), myow.load_encoder(tmp_path / "fit" / "encoder.pt")(rec.rates))
+    with pytest.raises(myow.ConfigError, match="--steps -1: must be an integer >= 0"):
+        myow.fit(rec.rates, time=rec.time, steps=-1)
+    with pytest.raises(nd.DataError, match="time in arrays has shape"):
+        myow.fit(rec.rates, time=rec.time[:10], steps=5)
+
+
 def test_existing_out_is_never_overwritten_silently(tmp_path):
     assert run_cli("--epochs", "2", "--out", str(tmp_path)).returncode == 0
     before = open(tmp_path / "results.json").read()
@@ -940,7 +1070,7 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path):
     state["rng"] = state["rng"] * 2                                    # as if written by 2 processes
     torch.save(state, ck)
     p = run_cli("--epochs", "2", "--out", str(tmp_path), "--resume")
-    one_line_error(p, "2 process(es)", "--nproc-per-node 2")
+    one_line_error(p, "2 process(es)", "--nproc_per_node 2")
 
 
 def one_line_error(p, *words):
@@ -951,7 +1081,7 @@ def one_line_error(p, *words):
 
 
 def test_bad_inputs_each_get_one_clear_line(tmp_path):
-    one_line_error(run_cli("--dataset", "cifar11"), "unknown --dataset 'cifar11'")
+    one_line_error(run_cli("--dataset", "cifar11"), "--dataset 'cifar11'", "a data set named in --help")
     one_line_error(run_cli("--dataset", "mouse", "--data-dir", str(tmp_path)), "fr_bins_n_4full.npy", str(tmp_path))
     (tmp_path / "fr_bins_n_4full.npy").write_bytes(b"not the published file")
     one_line_error(run_cli("--dataset", "mouse", "--data-dir", str(tmp_path)), "SHA-256", "delete it")
@@ -987,7 +1117,7 @@ def test_every_checked_field_refuses_a_value_outside_its_meaning(tmp_path, capsy
     for f in dataclasses.fields(myow.Config):
         if f.metadata["check"] is myow.FREE or f.name == "dataset":
             continue
-        bad = {int: "-7", float: "nan", str: "zzz"}[type(f.default)]
+        bad = {int: "-7", float: "nan", str: "zzz"}[type(f.metadata["default"])]
         flag = "--" + f.name.replace("_", "-")
         code, err = refused([flag, bad, "--out", str(out)], capsys, out)
         assert code == 2 and len(err.strip().splitlines()) == 1 and flag in err and bad in err, (flag, err)
@@ -1031,7 +1161,7 @@ def test_bad_settings_are_refused_before_work_in_one_line(tmp_path, capsys):
 def test_every_field_has_a_check_or_is_free_on_purpose():
     free = {f.name for f in dataclasses.fields(myow.Config) if f.metadata["check"] is myow.FREE}
     assert free == {"data_dir", "download", "data_file", "out", "resume", "overwrite", "compile",
-                    "save_embeddings", "save_mined_views"}                      # paths and switches
+                    "save_mined_views"}                                         # paths and switches
     for dataset in myow.PRESETS:                                 # every preset passes its own checks
         if dataset not in ("npz", "phy"):                        # these need --data-file
             myow.parse_config(["--dataset", dataset])
@@ -1044,7 +1174,7 @@ def test_raw_method_reads_out_the_normalised_inputs(monkeypatch):
     seen = {}
     evaluate = myow.linear_eval
     monkeypatch.setattr(myow, "linear_eval", lambda feats, *a: seen.update(feats=feats) or evaluate(feats, *a))
-    res = myow.run(myow.parse_config(["--method", "raw", "--eval-epochs", "5", "--device", "cpu"]))
+    res = myow.run(myow.parse_config(["--method", "raw", "--eval-epochs", "5", "--device", "cpu"]))[0]
     cfg = myow.parse_config([])
     _, splits, _, _ = nd.load_neural(cfg, torch.device("cpu"))
     for got, split in zip(seen["feats"], splits):
@@ -1077,23 +1207,24 @@ def test_supervised_baseline_keeps_the_encoder_of_its_best_validation_epoch(monk
     assert not all(torch.equal(a, b) for a, b in zip(after_one, best_last))
 
 
-def test_supervised_baseline_and_embeddings(tmp_path):
-    p = run_cli("--method", "supervised", "--epochs", "40", "--warmup-epochs", "4", "--out", str(tmp_path),
-                "--save-embeddings")
-    assert p.returncode == 0, p.stderr
-    res = json.loads(p.stdout.strip().splitlines()[-1])
-    assert res["method"] == "supervised" and res["test_acc"] > 50
-    emb = np.loadtxt(tmp_path / "embeddings.tsv", delimiter="\t")
-    meta = open(tmp_path / "metadata.tsv").read().splitlines()
+def read_out_features(monkeypatch):
+    """The features run() reads out, as the readout receives them: [train, val, test(, holes)]."""
+    seen, evaluate = {}, myow.linear_eval
+    monkeypatch.setattr(myow, "linear_eval", lambda feats, *a: seen.setdefault("feats", feats) and evaluate(feats, *a))
+    return seen
+
+
+@pytest.mark.parametrize("method", ["myow", "supervised"])
+def test_the_runs_encoder_pt_gives_the_representations_it_read_out(method, tmp_path, monkeypatch):
+    """encoder.pt maps raw rates in Hz to exactly the y that the run's readout saw (dropout off for
+    the supervised encoder, BatchNorm in eval mode, the training statistics inside)."""
+    seen = read_out_features(monkeypatch)
+    res = myow.run(myow.parse_config(["--method", method, "--epochs", "40", "--warmup-epochs", "4",
+                                      "--out", str(tmp_path), "--device", "cpu"]))[0]
+    assert res["method"] == method and res["test_acc"] > 50
     rec = nd.synthetic_reach()
-    assert emb.shape == (len(rec.rates), 32) and len(meta) == len(rec.rates) + 1
-    assert meta[0].split("\t") == ["split", "trial", "time_s", "direction"]
-    rows = [m.split("\t") for m in meta[1:]]
-    assert [int(r[1]) for r in rows] == rec.trial.tolist()          # recording order kept
-    assert [int(r[3]) for r in rows] == rec.labels.tolist()
-    assert [r[0] for r in rows[:3]] == ["train"] * 3 and rows[-1][0] == "test"
-    y = myow.load_encoder(tmp_path / "encoder.pt")(rec.rates)          # dropout off, as in the run
-    np.testing.assert_allclose(y.numpy(), emb, rtol=1e-4, atol=1e-4)
+    y = myow.load_encoder(tmp_path / "encoder.pt")(rec.rates)          # the splits, in recording order
+    np.testing.assert_allclose(y.numpy(), torch.cat(seen["feats"][:3]).numpy(), rtol=1e-4, atol=1e-4)
 
 
 # --- images (Appendix C) ----------------------------------------------------------------------
@@ -1183,7 +1314,7 @@ def test_torchrun_with_more_processes_than_gpus_is_refused_before_any_work(monke
     monkeypatch.setattr(myow.dist, "init_process_group", lambda *a, **k: pytest.fail("process group started"))
     for k, v in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2").items():
         monkeypatch.setenv(k, v)
-    with pytest.raises(myow.ConfigError, match="--nproc-per-node 1, or --device cpu"):
+    with pytest.raises(myow.ConfigError, match="--nproc_per_node 1, or --device cpu"):
         myow.setup_distributed(myow.parse_config([]))
 
 
@@ -1243,19 +1374,18 @@ def test_layouts_give_the_right_head_shapes():
     assert f(torch.randn(2, 3, 32, 32)).shape == (2, 2048)
 
 
-def test_image_embeddings_are_the_test_set_with_its_labels(tmp_path, monkeypatch):
+def test_an_image_runs_encoder_pt_gives_the_representations_it_read_out(tmp_path, monkeypatch):
     small = [image_split(torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8)) for n in (64, 40)]
     small[1].labels = torch.arange(40) % 3
     small[0].labels = torch.arange(64) % 3
     monkeypatch.setattr(myow, "load_images", lambda cfg, device: list(small))
+    seen = read_out_features(monkeypatch)
     cfg = myow.parse_config(["--dataset", "dsprites", "--epochs", "1", "--batch-size", "32", "--pool-size", "32",
                              "--eval-epochs", "1", "--eval-milestones", "1", "--out", str(tmp_path),
-                             "--save-embeddings", "--eval-every", "1", "--device", "cpu"])
-    res = myow.run(cfg)
-    emb = np.loadtxt(tmp_path / "embeddings.tsv", delimiter="\t")
-    meta = open(tmp_path / "metadata.tsv").read().splitlines()
-    assert emb.shape == (40, 9 * 128) and meta[0] == "split\tlabel"     # small CNN: 3 x 3 x 128
-    assert [int(m.split("\t")[1]) for m in meta[1:]] == small[1].labels.tolist()
+                             "--eval-every", "1", "--device", "cpu"])
+    res = myow.run(cfg)[0]
+    emb = seen["feats"][2]                                              # the test images'
+    assert emb.shape == (40, 9 * 128)                                   # small CNN: 3 x 3 x 128
     assert res["knn_acc"] is not None and json.loads(open(tmp_path / "log.jsonl").readline())["knn_acc"] >= 0
     f = myow.load_encoder(tmp_path / "encoder.pt")                      # uint8 images in, y out
     np.testing.assert_allclose(f(small[1].x).numpy(), emb, rtol=1e-4, atol=1e-4)
@@ -1316,7 +1446,7 @@ def test_image_path_learns_on_dsprites():
                    ((train, 2048), (test, 4096)))
     torch.manual_seed(cfg.seed)
     untrained = myow.build_networks(cfg, train)[0].net.f
-    trained = myow.train(cfg, train, torch.device("cpu"), lambda *a, **k: None)[0].net.f
+    trained = myow.train(cfg, train, torch.device("cpu")).net.f
 
     def invariance(f):                                          # same image minus different images
         f.eval()
@@ -1335,7 +1465,7 @@ def test_image_step_runs_for_both_methods(method):
                              "--pool-size", "32"])
     splits = myow.load_images(cfg, torch.device("cpu"))
     splits[0] = myow.ImageSplit(splits[0].x[:64], splits[0].labels[:64], splits[0].mean, splits[0].std, 32)
-    model, last = myow.train(cfg, splits[0], torch.device("cpu"), lambda *a, **k: None)
+    model, last = myow.train_logged(cfg, splits[0], torch.device("cpu"))
     assert (last["mining_class_acc"] is None) == (method == "byol") and math.isfinite(last["loss"])
 
 
@@ -1375,7 +1505,7 @@ def test_readme_own_recording_and_use_what_you_trained_run_as_written(tmp_path, 
     p = subprocess.run([sys.executable, os.path.join(HERE, "myow.py"), *shlex.split(command)[2:], "--epochs", "20"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=240)
     assert p.returncode == 0, p.stderr
-    assert "one continuous recording: mined views >= 12.5 s away" in p.stdout.splitlines()[0]
+    assert "split in time: mined views >= 12.5 s away" in p.stdout.splitlines()[0]
     assert json.loads(p.stdout.strip().splitlines()[-1])["test_f1"] > 80          # 3 states
     day2, counts2 = session(1000)
     np.savez("day2.npz", firing_rates=counts2 / 0.1, labels=day2)
