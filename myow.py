@@ -1,23 +1,17 @@
 """MYOW, "Mine Your Own vieW: Self-Supervised Learning Through Across-Sample Prediction"
-(Azabou et al., 2021, arXiv:2102.10106), as one readable file.
+(Azabou et al., 2021, arXiv:2102.10106): BYOL's two augmented views of a sample, plus a third view
+*mined* among other samples (one of the k nearest in the target network's representation space),
+predicted through a second, cascaded projector and predictor. The method comes first and runs alone;
+the plumbing that makes it a tool follows one banner below it.
 
-BYOL-style learning from two augmented views of a sample, plus a third view that is *mined*: for
-each anchor, one of its k nearest neighbours (by cosine) among L candidate samples in the target
-network's representation space, predicted through a second, cascaded projector/predictor.
-
-    python myow.py                                              # synthetic reaching, CPU: seconds
+    python myow.py                                              # synthetic reaching, CPU: 10 s
     python myow.py --dataset chewie1 --data-dir ../shared/data  # monkey reach (Table 3), CPU: 15 s
-    python myow.py --dataset mouse --data-dir ../shared/data    # mouse CA1 state (Fig. 4), CPU: 4 min
     python myow.py --dataset npz --data-file rec.npz            # your recording (README)
     python myow.py --dataset cifar10 --epochs 800 --download    # Table 1, Appendix C, one GPU
     torchrun --nproc_per_node 4 myow.py --dataset cifar10       # one process a GPU; B and L are global
 
-Expected (2 x86 CPU cores, one thread, README): Chewie-1 Acc 68.7 over seeds 0-19 (paper 70.5; BYOL
+Expected (2 x86 CPU cores, one thread; README): Chewie-1 Acc 68.7 over seeds 0-19 (paper 70.5; BYOL
 66.8), Mouse-CA1 weighted F1 92.2 over seeds 0-4 (paper 93.7; BYOL 89.8), Fashion-MNIST 88.4 %.
-
-The method comes first, in the order data flows, and runs on its own (README: teach from it); the
-plumbing that makes it a tool (data loading, baselines, checks, checkpoints, the command line)
-follows one banner below it.
 """
 import copy
 import math
@@ -48,8 +42,7 @@ class Config:
     # -- optimisation (Appendix D.1 "Training"; Appendix C for images) --
     epochs: int = arg(1000, "training epochs (App. D: 1000); neural: at most 20,000 steps (README)", INT1)
     steps: int = arg(0, "training steps in all, instead of --epochs; 0: --epochs", INT0)
-    batch_size: int = arg(512, "B, anchors per step (App. D: 512)",
-                          "an integer >= 2 (BatchNorm needs two samples)")
+    batch_size: int = arg(512, "B, anchors per step (App. D: 512)", "an integer >= 2 (for BatchNorm)")
     optimizer: str = arg("adamw", "adamw (App. D, neural) or sgd (App. C, images)", ("adamw", "sgd"))
     lr: float = arg(0.02, "eta (App. D: AdamW 0.02 monkeys, 0.001 rodents; App. C: SGD 0.03)", POS)
     momentum: float = arg(0.9, "SGD momentum (App. C: 0.9)", BELOW1)
@@ -69,20 +62,20 @@ class Config:
                            ("shared", "new"))
     mine_in: str = arg("target", "candidates' representations from the target or online network (App. F)",
                        ("target", "online"))
-    min_gap_s: float = arg(math.inf, "mine other trials, or the same trial >= this many s away (App. B; "
-                           "inf: other trials only; one continuous recording: 1/24 of its length)",
-                           "seconds >= 0, or inf")
+    min_gap_s: float = arg(math.inf, "mine other trials, or the same trial >= this many s away (App. B); "
+                           "inf: other trials, or 1/24 of a recording split in time", "seconds >= 0, or inf")
     # -- network (Appendix D.1 "Network Architecture", Appendix C "Architecture") --
     arch: str = arg("mlp", "encoder f: mlp (App. D.1), resnet18 / resnet50 (App. C), convnet (small, CPU)",
                     ("mlp", "convnet", "resnet18", "resnet50"))
-    hidden: int = arg(64, "mlp: width of its 4 blocks (App. D: 64); convnet: of its first (then x2, x4, x8)",
-                      INT1)
+    hidden: int = arg(64, "mlp: width of its 4 blocks (App. D: 64); convnet: of its first block", INT1)
     rep_dim: int = arg(32, "mlp: size of y = f(x) (App. D.1: 32 monkeys; D.2: 64 rodents)", INT1)
     proj_hidden: int = arg(0, "hidden width of g and h, MLP(., 4096, 256) (App. C); 0: none (App. D.1)", INT0)
     proj_dim: int = arg(256, "output size of g and h (App. C: 256)", INT1)
     pred_hidden: int = arg(128, "hidden width of q and r (App. D: MLP(32, 128, 32); App. C: 4096)", INT1)
     layout: str = arg("cascaded", "v = h(g(y)) cascaded (sec. 2.1), h(y) parallel, g(y) single (App. G)",
                       ("cascaded", "parallel", "single"))
+    context_s: float = arg(0.1, "mlp: x is the bin and those before it within this many s (App. D: one bin "
+                           "of 0.1 s; finer bins: a window, README)", NONNEG)
     # -- augmentations for spiking data (Appendix D.1, J), drawn per sample --
     jitter_s: float = arg(0.2, "temporal jitter: x' is a bin of the anchor's trial within this many s (App. "
                           "D.1: 0.2 s reach; D.2: 12 s sleep)", NONNEG)
@@ -93,8 +86,7 @@ class Config:
     pepper_rate: float = arg(0.3, "pepper: probability per neuron (App. D.1: 0.3)", PROB)
     pepper_p: float = arg(0.5, "probability a sample gets pepper (App. D.1: 0.5)", PROB)
     # -- augmentations for images (Appendix C "Class of transformations"), drawn per sample --
-    image_size: int = arg(32, "views are resized (bicubic) to this size (App. C: 32)",
-                          "an integer >= 8 (the small CNN pools three times)")
+    image_size: int = arg(32, "views are resized (bicubic) to this size (App. C: 32)", "an integer >= 8")
     crop_area: str = arg("0.2:1.0", "T: random resized crop, area range (App. C: 0.2-1.0)", AREA)
     mined_crop_area: str = arg("0.8:1.0", "T_m: crop only, area range (App. C: 0.8-1.0)", AREA)
     color_jitter: str = arg("0.4,0.4,0.4,0.1", "brightness, contrast, saturation, hue (App. C)",
@@ -114,54 +106,42 @@ class Config:
     # -- supervised baseline (sec. 3.3: "weight regularization and dropout"; values not given) --
     sup_dropout: float = arg(0.5, "dropout after each block of the supervised encoder (README)", BELOW1)
     # -- data --
-    dataset: str = arg("synthetic", "neural: synthetic | chewie1 | chewie2 | mihi1 | mouse | npz | phy; "
-                       "images: dsprites | cifar10 | cifar100 | mnist | fashion-mnist | tiny-imagenet | "
-                       "random32", "a data set named in --help")
+    dataset: str = arg("synthetic", "synthetic | chewie1 | chewie2 | mihi1 | mouse | npz | phy | dsprites | "
+                       "cifar10 | cifar100 | mnist | fashion-mnist | tiny-imagenet | random32",
+                       "a data set named in --help")
     data_dir: str = arg("data", "folder holding the published files (downloaded there if missing)", FREE)
-    download: bool = arg(False, "images: let torchvision download the data set into --data-dir", FREE)
     data_file: str = arg("", "--dataset npz: your recording; phy: a Kilosort / Phy folder (README)", FREE)
     bin_s: float = arg(0.01, "--dataset phy: bin width in s", POS)
     units: str = arg("good", "--dataset phy: the units of these Phy groups", ("good", "good,mua"))
-    sample_rate: float = arg(0.0, "--dataset phy: samples a second of spike_times.npy; 0: params.py's", NONNEG)
-    size: str = arg("", "--dataset synthetic: 'T,N', a continuous session of T bins of 10 ms x N neurons "
-                    "encoding a 2-D velocity (R², README: scale); empty: 240 reaches",
-                    "'T,N', integers T >= 100 and N >= 1, or empty")
+    sample_rate: float = arg(0.0, "--dataset phy: samples a second in spike_times; 0: params.py's", NONNEG)
+    size: str = arg("", "--dataset synthetic: 'T,N', T bins of 10 ms x N neurons coding a velocity (README: "
+                    "scale); empty: 240 reaches", "'T,N', integers T >= 100 and N >= 1, or empty")
     train_fraction: float = arg(0.3, "dsprites: r, the share of kept images trained on (App. I)", "in (0, 1)")
-    pretrain_on: str = arg("train+val", "what self-supervised training sees (labels unused)",
-                           ("train+val", "train"))
-    # -- run --
+    pretrain_on: str = arg("train+val", "what training sees (labels unused)", ("train+val", "train"))
+    # -- run (what only the command line needs is Run's, below the banner) --
     seed: int = arg(0, "seed of initialisation, batches, augmentations and mining", "an integer in [0, 2^63)")
-    device: str = arg("auto", "auto (cuda if available), cpu or cuda", ("auto", "cpu", "cuda"))
     compile: bool = arg(False, "torch.compile the online and target networks and the views", FREE)
     precision: str = arg("auto", "auto: bf16 autocast on CUDA for image encoders, fp32 for the MLP (README)",
                          ("auto", "bf16", "fp32"))
-    out: str = arg("", "folder for config, log, checkpoint, results and encoder.pt; empty: none", FREE)
-    resume: bool = arg(False, "continue the run in --out from its checkpoint", FREE)
-    overwrite: bool = arg(False, "replace the run already in --out", FREE)
-    ckpt_every: int = arg(100, "write --out/checkpoint.pt every this many epochs, and at the end", INT1)
-    log_every: int = arg(0, "print progress every this many epochs (0: about 20 lines a run)", INT0)
-    eval_every: int = arg(0, "log a k-NN monitor's test accuracy every this many epochs; 0: off", INT0)
-    save_mined_views: bool = arg(False, "images: write --out/mined_views.png, anchors and their k nearest "
-                                 "(Fig. 2)", FREE)
 
     def __post_init__(self):
         """A setting not given takes the data set's preset (PRESETS), else its default."""
         default = {f.name: f.metadata["default"] for f in fields(self)}
         given = {k: v for k, v in vars(self).items() if v is not None}
-        for k, v in {**default, **PRESETS.get(given.get("dataset", default["dataset"]), {}), **given}.items():
+        preset = PRESETS.get(given.get("dataset", default["dataset"]), {})
+        for k, v in {**default, **{k: v for k, v in preset.items() if k in default}, **given}.items():
             setattr(self, k, v)
 
-# Per-dataset defaults in one table; a flag given on the command line always wins.
+# Per-dataset defaults in one table; a setting given always wins.
 NEURAL_STEPS = 20000      # a neural run's steps without --steps (README: scale; App. D's Mouse-CA1: 16,000)
 MONKEY = {}                                     # Appendix D.1 = Config defaults (README "Departures")
 IMAGES = dict(optimizer="sgd", lr=0.03, weight_decay=5e-4, warmup_epochs=10, tau=0.996, epochs=800,
               pool="fresh", anchor_view="new", pretrain_on="train", pool_size=512, k=1, mining_weight=0.1,
               arch="resnet18", proj_hidden=4096, pred_hidden=4096, ckpt_every=10, eval_epochs=200,
-              eval_lr=0.4, eval_milestones="140,190", eval_wd_exponents="", eval_every=10,
-              eval_steps=0)                                                                  # App. B, C
+              eval_lr=0.4, eval_milestones="140,190", eval_wd_exponents="", eval_steps=0)      # App. B, C
 SMALL = dict(IMAGES, arch="convnet", hidden=16, batch_size=256, pool_size=256, proj_hidden=512,
              proj_dim=64, pred_hidden=512, warmup_epochs=2, eval_epochs=30, eval_milestones="20,27",
-             eval_lr=0.05, eval_every=5)                   # readout lr: validation (README)
+             eval_lr=0.05)                                 # readout lr: validation (README)
 PRESETS = {
     "synthetic": dict(MONKEY, epochs=300),        # offline default: 300 epochs, a few seconds
     "chewie1": MONKEY, "chewie2": MONKEY, "mihi1": MONKEY, "npz": MONKEY, "phy": MONKEY,
@@ -171,34 +151,32 @@ PRESETS = {
     "dsprites": dict(SMALL, epochs=12),             # App. I at r = 0.3; README: epochs x 0.3 / r
     "fashion-mnist": dict(SMALL, image_size=28, epochs=10),
 }
-NEURAL = {"synthetic", "chewie1", "chewie2", "mihi1", "mouse", "npz", "phy"}
-
 # ==== Augmentations: t ~ T for neural activity (Appendix D.1, J) and images (Appendix C) ============
 def augment(data, idx, cfg, t_m=False):
-    """One view per index: t ~ T, or t_m ~ T_m with t_m=True (for neural data T_m = T, App. D.1)."""
+    """One view per index: t ~ T, or t_m ~ T_m with t_m=True (neural data: T_m = T, App. D.1)."""
     if isinstance(data, neural_data.NeuralSplit):
         return augment_neural(data, idx, cfg)
     return augment_images(data, idx, cfg, t_m)
 
 def augment_neural(data, idx, cfg):
     """Every random choice drawn per sample (Appendix D.1, J): randomized dropout -> Gaussian noise
-    -> pepper -> normalization. Temporal jitter chooses which samples idx are (`nearby`)."""
-    n, n_units = len(idx), data.x.shape[1]
-    dev = data.x.device
-    x = data.x[idx]                                                         # (n, n_units) Hz
-    p_drop = torch.rand(n, 1, device=dev) * cfg.dropout_max                      # rate per sample
-    x.mul_(torch.rand(n, n_units, device=dev).ge_(p_drop))     # in-place 0/1: no bool tensor
+    -> pepper -> normalization, on the sample's window of W bins (one bin: the paper's), a neuron
+    dropped or peppered in all of them. Temporal jitter chooses which samples idx are (`nearby`)."""
+    x = data.x[data.window(idx)]                                       # (n, W, units) Hz
+    n, W, n_units = x.shape
+    dev = x.device
+    p_drop = torch.rand(n, 1, 1, device=dev) * cfg.dropout_max                   # rate per sample
+    x.mul_(torch.rand(n, 1, n_units, device=dev).ge_(p_drop))  # in-place 0/1: no bool tensor
     noisy = torch.nonzero(torch.rand(n, device=dev) < cfg.noise_p)[:, 0]         # rows with noise
-    x.index_add_(0, noisy, torch.randn(len(noisy), n_units, device=dev), alpha=cfg.noise_std)
+    x.index_add_(0, noisy, torch.randn(len(noisy), W, n_units, device=dev), alpha=cfg.noise_std)
     pep = torch.nonzero(torch.rand(n, device=dev) < cfg.pepper_p)[:, 0]          # rows with pepper
-    pepper = torch.rand(len(pep), n_units, device=dev).lt_(cfg.pepper_rate)
-    x.index_add_(0, pep, pepper, alpha=cfg.pepper_value)
-    return x.sub_(data.mean).div_(data.std)
+    pepper = torch.rand(len(pep), 1, n_units, device=dev).lt_(cfg.pepper_rate)
+    x.index_add_(0, pep, pepper.expand(-1, W, -1), alpha=cfg.pepper_value)
+    return x.sub_(data.mean).div_(data.std).flatten(1)                 # (n, W x units)
 
 def crop_flip_params(n, area, flip_p, device):
-    """Per-sample random resized crop (torchvision's sampling: area fraction, log-uniform aspect
-    3/4..4/3, first of 10 tries that fits, else the whole image) and horizontal flip, as (n, 2, 3)
-    affine matrices in the [-1, 1] coordinates of F.affine_grid."""
+    """Per-sample random resized crop (torchvision's: area fraction, log-uniform aspect 3/4..4/3, the
+    first of 10 tries that fits, else the whole image) and flip, as (n, 2, 3) affine_grid matrices."""
     a = torch.empty(n, 10, device=device).uniform_(*area)
     ratio = torch.empty(n, 10, device=device).uniform_(math.log(3 / 4), math.log(4 / 3)).exp()
     sw, sh = (a * ratio).sqrt(), (a / ratio).sqrt()               # crop sides, fractions of the image
@@ -212,13 +190,12 @@ def crop_flip_params(n, area, flip_p, device):
     return torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, sh, cy], 1)], 1)
 
 def gray(x):
-    """Luminance (n, 1, H, W) with torchvision's weights; single-channel images are their own.
-    Scalar weights, not a weight tensor: a tensor would be copied to the GPU every step."""
+    """Luminance (n, 1, H, W), torchvision's weights as scalars (a tensor would be copied to the GPU)."""
     return x if x.shape[1] == 1 else (0.2989 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:])
 
 def shift_hue(x, shift):
-    """torchvision's adjust_hue for a batch: RGB -> HSV, h + shift (mod 1), HSV -> RGB.
-    x (n, 3, H, W) in [0, 1], shift (n, 1, 1) in turns."""
+    """torchvision's adjust_hue for a batch: RGB -> HSV, h + shift (mod 1), HSV -> RGB (the hexcone
+    formulas, as its _rgb2hsv and _hsv2rgb). x (n, 3, H, W) in [0, 1], shift (n, 1, 1) in turns."""
     red, green, blue = x.unbind(1)
     mn, v = x.aminmax(dim=1)                                               # (n, H, W)
     c = v - mn                                                             # chroma
@@ -241,8 +218,8 @@ def color_jitter(x, strengths, p, order=None, factors=None):
         factors = torch.stack([torch.empty(n, device=dev).uniform_(*r) for r in ranges], 1)  # (n, 4)
         order = torch.rand(n, 4, device=dev).argsort(1)     # (n, 4) operation at each position
     y = x
-    # Each sample's k-th operation, for all samples at once. The hue shift is computed at every k and
-    # kept where it is the k-th operation: simpler than blends split around it, 3 % of an H100 step.
+    # Each sample's k-th operation, for all samples at once; the hue shift is computed at every k and
+    # kept where it is the k-th operation (simpler than splitting the blends around it, and cheap)
     for k in range(4):
         op = order[:, k].view(n, 1, 1, 1)
         f = factors.gather(1, order[:, k:k + 1]).view(n, 1, 1, 1)
@@ -284,9 +261,8 @@ def neural_encoder(n_in, hidden, rep_dim, blocks=4, dropout=0.0):
     return nn.Sequential(*layers, nn.Linear(width, rep_dim))
 
 def convnet(c_in, width=16):
-    """A small CNN for CPU runs: 4 blocks of 3x3 conv + BN + ReLU with 2x2 max-pools; y is the
-    last map pooled to 3 x 3, not to 1 x 1: a coarse layout of the image stays in y. On Fashion-MNIST
-    (validation, 10 epochs) the global pool read out below raw pixels (83.9 vs 85.8 %), 3 x 3: 88.4."""
+    """A small CNN for CPU runs: 4 blocks of 3x3 conv + BN + ReLU with 2x2 max-pools; y is the last
+    map pooled to 3 x 3, not to 1 x 1, so that a coarse layout of the image stays in y (README)."""
     layers, w = [], c_in
     for i, o in enumerate((width, 2 * width, 4 * width, 8 * width)):
         layers += [nn.Conv2d(w, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
@@ -322,8 +298,8 @@ class Network(nn.Module):
         return self.h(y if self.layout == "parallel" else z)
 
 class MYOW(nn.Module):
-    """Online network theta = (f, g, h) and the dual predictors q (augmented) and r (mined).
-    One forward over all online views, so it is a single call for DistributedDataParallel."""
+    """Online network theta = (f, g, h) and the dual predictors q (augmented) and r (mined); one
+    forward over all online views, so that it is a single call for DistributedDataParallel."""
 
     def __init__(self, net, q, r):
         super().__init__()
@@ -342,7 +318,7 @@ class MYOW(nn.Module):
 
 def build_networks(cfg, data):
     """Online model (theta plus predictors) and the target network xi, an exact copy at start."""
-    f, D = encoder(cfg, data.x.shape[1])
+    f, D = encoder(cfg, data.n_in)
     P = cfg.proj_dim if cfg.proj_hidden else D                              # size of z and v
     g = mlp(D, cfg.proj_hidden, P) if cfg.proj_hidden else nn.Identity()
     h = (mlp(D if cfg.layout == "parallel" else P, cfg.proj_hidden, P)
@@ -358,23 +334,21 @@ def d(p, z):
     return -F.cosine_similarity(p.float(), z.float(), dim=-1)
 
 def nearest(y_anchor, y_pool, allowed, k):
-    """N_k(y_m): for each anchor the k candidates of highest cosine similarity, those `allowed`
-    first. y_anchor (B, D), y_pool (L, D), allowed (B, L) bools, or 1/0 floats that are overwritten
-    (they become the similarity matrix: one (B, L) tensor less to write). Returns the (B, k)
-    similarities, + 3 where allowed, and the (B, k) pool indices."""
+    """N_k(y_m): for each anchor the k candidates of highest cosine similarity, the `allowed` first.
+    y_anchor (B, D), y_pool (L, D), allowed (B, L) bools, or 1/0 floats that become the similarities
+    (one (B, L) tensor less). Returns (B, k) scores, cosine + 3 where allowed, and (B, k) pool indices."""
     with torch.autocast(y_anchor.device.type, enabled=False):      # rank in float32, also on GPU
-        # cosine similarities lie in [-1, 1]: + 3 for the allowed ones ranks them above all others
+        # 3 * allowed + cosine in one matrix product: allowed candidates score >= 2, the others <= 1
         sim = allowed.float().addmm_(F.normalize(y_anchor.float(), dim=1),
                                      F.normalize(y_pool.float(), dim=1).T, beta=3)     # (B, L)
     return sim.topk(k, dim=1)                                                       # (B, k)
 
 def mine(y_anchor, y_pool, allowed, k):
-    """Section 2.2 / Algorithm 1 'Find N_k(y_m) in S, randomly select y'_m': one of the k nearest
-    allowed candidates, uniformly. Returns the chosen pool index (B,) and 1.0 where the anchor had
-    an allowed candidate, else 0.0 (B,): an anchor with fewer than k allowed candidates chooses
-    among those it has, and one with none gets no mined view."""
+    """Section 2.2 / Algorithm 1 'Find N_k(y_m) in S, randomly select y'_m': one of the k nearest allowed
+    candidates, uniformly. Returns the pool index (B,) and 1.0 where the anchor had an allowed candidate
+    (B,): one with fewer than k chooses among those it has, one with none gets no mined view."""
     top_sim, top_idx = nearest(y_anchor, y_pool, allowed, k)                        # (B, k)
-    eligible = top_sim.gt_(1.5)                                    # 1/0, ones first (sorted)
+    eligible = top_sim.gt_(1.5)                         # 1/0: allowed (>= 2 in nearest), ones first
     pick = (torch.rand(len(top_sim), device=top_sim.device) * eligible.sum(1)).long()   # uniform rank
     return top_idx.gather(1, pick[:, None])[:, 0], eligible[:, 0]
 
@@ -410,10 +384,9 @@ def lambda_at(step, ramp, weight):
     return weight * min(1.0, step / ramp) if ramp > 0 else weight
 
 def schedule(cfg, n):
-    """Steps an epoch (full batches of B from n samples), epochs, steps in all, and the warm-up and
-    lambda-ramp steps. A run is --steps steps, or --epochs passes; neural data stops at NEURAL_STEPS,
-    which only recordings far larger than the published ones reach (README: scale). Warm-up and ramp
-    keep their share of the run (App. D: 100 and 10 of 1000 epochs)."""
+    """Steps an epoch (full batches of B from n samples), epochs, steps in all, warm-up and lambda-ramp
+    steps: --steps, or --epochs passes up to NEURAL_STEPS for neural data; warm-up and ramp keep their
+    share of the run (App. D: 100 and 10 of 1000 epochs)."""
     per_epoch = n // cfg.batch_size
     total = cfg.steps or cfg.epochs * per_epoch
     if not cfg.steps and cfg.arch == "mlp":
@@ -425,16 +398,14 @@ def pool_size(cfg):
     """L, the candidates per step: --pool-size fresh ones, or the batch's own views (L = B)."""
     return cfg.pool_size if cfg.pool == "fresh" else cfg.batch_size
 
-
 # ==== Training: the optimiser, one step and the loop of Algorithm 1 =================================
 def rank_world():
     """This process's rank and the number of processes (torchrun), or 0 and 1."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 def optimizer(cfg, model):
-    """App. C: SGD with momentum for images, weight decay on weight matrices and kernels only
-    (BatchNorm scales and shifts and biases, the 1-d tensors, undecayed as in BYOL and the
-    authors' image code). App. D: AdamW for neural data, decay on every parameter."""
+    """App. C: SGD with momentum for images, weight decay on weight matrices and kernels only (the
+    1-d tensors, BatchNorm's and biases, undecayed as in BYOL). App. D: AdamW, decay on everything."""
     if cfg.optimizer == "adamw":
         # foreach: a few operations over all tensors a step (on CPU torch loops over them by default)
         return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
@@ -450,9 +421,8 @@ def autocast_for(cfg, device):
     return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and bf16 else nullcontext()
 
 def setup_training(cfg, data, device):
-    """The online model (theta: f, g, h and the predictors q, r), the target network xi and the
-    optimiser on the device, and the online model as a step calls it: under DDP when torchrun started
-    several processes (gradients averaged over them), compiled with --compile."""
+    """The online model (theta: f, g, h and q, r), the target xi and the optimiser on the device, and
+    the online model as a step calls it: under DDP with torchrun (gradients averaged), or compiled."""
     torch.manual_seed(cfg.seed)                                   # same initial theta everywhere
     model, target = build_networks(cfg, data)
     fmt = torch.channels_last if cfg.arch != "mlp" else torch.contiguous_format
@@ -462,17 +432,17 @@ def setup_training(cfg, data, device):
     opt = optimizer(cfg, model)
     online = model
     if dist.is_initialized():
-        online = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        ids = [device] if device.type == "cuda" else None
+        online = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.compile:
         online = torch.compile(online)
         target.f.compile()                        # in place: its state_dict keeps its names
     return model, online, target, opt
 
 def myow_step(cfg, data, online, target, s_all, c_all, lam, views=augment):
-    """The loss of Algorithm 1 for one batch: s_all (B,) anchors and c_all (L,) candidates, the same
-    on every process; this one makes the views of its share (b anchors, l candidates). Returns the
-    loss, its augmented-view and mined-view parts, and the mining (anchors, their mined samples, 1.0
-    where an anchor had a candidate to mine) that shows what mining found (App. F)."""
+    """The loss of Algorithm 1 for s_all (B,) anchors and c_all (L,) candidates, the same on every
+    process, which makes the views of its share (b, l). Returns the loss, its augmented-view and mined-
+    view parts, and the mining: anchors, their mined samples, 1.0 where one was found (App. F)."""
     rank, world = rank_world()
     b, l = len(s_all) // world, len(c_all) // world
     s, c = s_all[rank * b:(rank + 1) * b], c_all[rank * l:(rank + 1) * l]
@@ -512,11 +482,10 @@ def myow_step(cfg, data, online, target, s_all, c_all, lam, views=augment):
         return loss_aug + lam * loss_mined, loss_aug, loss_mined, (s, c_all[j], has)
 
 def train(cfg, data, device, after_epoch=None, resume=None):
-    """Algorithm 1 on the split `data`; returns the online model (theta and the predictors). Between
-    epochs, after_epoch(epoch, record, mining, state) sees the epoch's mean losses and last schedules,
-    each step's mining and the state training changes (below the banner it logs, checkpoints and
-    stops on a signal); resume(state), if given, puts a checkpoint's state in place and returns the
-    epoch to go on from."""
+    """Algorithm 1 on the split `data`; returns the online model (theta and q, r). after_epoch(epoch,
+    record, mining, state) sees each epoch's mean losses, schedules, mining and the state training
+    changes (below the banner: log, checkpoint, signals); resume(state) loads a checkpoint's state and
+    returns the epoch to go on from."""
     rank, world = rank_world()
     model, online, target, opt = setup_training(cfg, data, device)
     views = torch.compile(augment) if cfg.compile else augment      # their elementwise chains fuse
@@ -601,9 +570,8 @@ def scores(out, labels, task, n_classes):
     return {"f1": 100 * weighted_f1(pred, labels, n_classes), "acc": 100 * (pred == labels).float().mean(-1)}
 
 def ridge(feats, Y, wd, chunk=1 << 14):
-    """Least squares with a penalty wd * |W|^2 per sample, for all S penalties at once: one
-    eigendecomposition of the features' (D, D) covariance, in float64, summed over chunks of rows.
-    feats (n, D), Y (n, d), wd (S,) -> W (S, D, d) and the bias (S, 1, d) that fits the means."""
+    """Least squares with a penalty wd * |W|^2 per sample for all S penalties from one eigendecomposition
+    of the (D, D) covariance (float64, over chunks of rows): feats (n, D), Y (n, d) -> W (S, D, d), bias."""
     n, mx, my = len(feats), feats.mean(0, dtype=torch.float64), Y.mean(0, dtype=torch.float64)
     cov = sum((x.double() - mx).T @ (x.double() - mx) for x in feats.split(chunk)) / n       # (D, D)
     xy = sum((x.double() - mx).T @ (y.double() - my) for x, y in zip(feats.split(chunk), Y.split(chunk))) / n
@@ -612,11 +580,9 @@ def ridge(feats, Y, wd, chunk=1 << 14):
     return W.float(), (my - mx @ W).float()[:, None]
 
 def linear_eval(feats, labels, task, cfg):
-    """Train one linear readout per weight decay 2^a (a in the sweep) on frozen train features,
-    pick the best on validation, report it on test. Reach: (cos, sin) of the direction with MSE;
-    classes: cross-entropy, both for --eval-epochs of mini-batches (at most --eval-steps steps); a
-    continuous behaviour: ridge regression in closed form, scored with R². feats/labels: [train, val,
-    test (, holes)] tensors."""
+    """One linear readout per weight decay 2^a of the sweep on frozen train features [train, val, test
+    (, holes)], the best on validation reported on test. Reach and classes: mini-batches for --eval-epochs
+    (at most --eval-steps); a continuous behaviour: ridge regression in closed form, scored with R²."""
     dev = feats[0].device
     if cfg.eval_wd_exponents:
         a, b = (int(v) for v in cfg.eval_wd_exponents.split(":"))
@@ -681,7 +647,7 @@ def representations(f, splits, chunk=1024):
     return feats
 
 # ==== PLUMBING BELOW: the method ends here; a reader of the method may stop. =========================
-# What follows makes it a tool: data loading, baselines, the monitor, checks, checkpoints, the CLI.
+# What follows makes it a tool: data loading, the baselines, checks, checkpoints, the command line.
 import argparse
 import dataclasses
 import fcntl
@@ -698,6 +664,21 @@ from contextlib import contextmanager
 
 import numpy as np
 
+NEURAL = {"synthetic", "chewie1", "chewie2", "mihi1", "mouse", "npz", "phy"}
+
+@dataclass
+class Run(Config):
+    """Config and what only a run of the command line needs: the device, files, logging."""
+    device: str = arg("auto", "auto (cuda if available), cpu or cuda", ("auto", "cpu", "cuda"))
+    threads: int = arg(0, "CPU threads; 0: OMP_NUM_THREADS if set, else 1 for the MLP, torch's default for "
+                       "images (README: measured)", INT0)
+    download: bool = arg(False, "images: let torchvision download the data set into --data-dir", FREE)
+    out: str = arg("", "folder for config, log, checkpoint, results and encoder.pt; empty: none", FREE)
+    resume: bool = arg(False, "continue the run in --out from its checkpoint", FREE)
+    overwrite: bool = arg(False, "replace the run already in --out", FREE)
+    ckpt_every: int = arg(100, "write --out/checkpoint.pt every this many epochs, and at the end", INT1)
+    log_every: int = arg(0, "print progress every this many epochs (0: about 20 lines a run)", INT0)
+
 # ==== Data: images as one uint8 tensor on the device (neural recordings: neural_data.py) ===========
 def image_inputs(x, mean, std, size):
     """Unaugmented uint8 images (n, C, H, W) as the encoder sees them: resized and normalised."""
@@ -712,6 +693,7 @@ class ImageSplit:
 
     def __init__(self, x, labels, mean, std, size, coarse=None):
         self.x, self.labels, self.mean, self.std, self.size, self.coarse = x, labels, mean, std, size, coarse
+        self.n_in = x.shape[1]                                 # the encoder's input channels
 
     def __len__(self):
         return len(self.x)
@@ -732,13 +714,10 @@ CIFAR20 = [4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11, 6, 
 DSPRITES = (3, 6, 40, 16, 16)               # shapes, scales, orientations, x and y positions
 
 def dsprites(fraction, seed=0, size=32, n_holes=10000):
-    """dSprites (App. I) drawn procedurally, white on black; the label is the shape. 3 shapes
-    (square, ellipse, heart) x 6 scales x 40 orientations x 16 x 16 positions (dSprites: 32 x 32
-    positions at 64 px; halved to fit a CPU). App. I's holes: a random half of the scale values and
-    of the orientation values is kept, and training sees a fraction r of the kept images.
-    Returns [train, test, holes] as (uint8 images (n, 1, size, size), indices into the grid of
-    latents DSPRITES): test = the other kept images, holes = n_holes images of the removed scales
-    or orientations. Which values are kept and which images train depend on seed."""
+    """dSprites (App. I) drawn procedurally, white on black, labelled by shape: 3 shapes x 6 scales x
+    40 orientations x 16 x 16 positions (its 32 x 32 halved for a CPU). Half the scales and half the
+    orientations are kept (by seed), training draws a fraction r of the kept images. Returns [train,
+    test (the other kept), holes (n_holes of the removed values)] as (uint8 (n, 1, size, size), latents)."""
     gen = torch.Generator().manual_seed(seed)
     shape, scale, angle, px, py = (v.flatten() for v in torch.meshgrid(
         *(torch.arange(n) for n in DSPRITES), indexing="ij"))                   # latents of each image
@@ -764,8 +743,7 @@ def dsprites(fraction, seed=0, size=32, n_holes=10000):
             for i in (ours[:n_train], ours[n_train:], holes)]
 
 def load_images(cfg, device):
-    """[train, test] ImageSplits, the public split (App. C; dsprites: [train, test, holes]), uint8
-    on the device."""
+    """[train, test] ImageSplits, the public split (App. C; dsprites: [train, test, holes]), on the device."""
     import torchvision
     name, root = cfg.dataset, cfg.data_dir
     if name == "dsprites":
@@ -799,10 +777,8 @@ def load_images(cfg, device):
                        std.to(device)[:, None, None], cfg.image_size, coarse) for x, y in parts]
 
 def torchvision_sets(cls, root, download):
-    """The train and test sets of a torchvision data set in `root`. Missing, with `download`: fetched
-    into a temporary folder in `root` and moved into place only when both parts are complete, so a
-    failed download (no network, a truncated archive, a full disk) leaves nothing behind that a
-    later run would take for the data set."""
+    """The train and test sets of a torchvision data set in `root`; with `download`, fetched into a
+    temporary folder and copied in when complete: a failed download leaves nothing that looks like one."""
     try:
         return [cls(root, train=part) for part in (True, False)]
     except RuntimeError as e:
@@ -814,10 +790,7 @@ def torchvision_sets(cls, root, download):
     try:
         for part in (True, False):
             cls(tmp, train=part, download=True)
-        for folder, _, files in os.walk(tmp):
-            os.makedirs(os.path.join(root, os.path.relpath(folder, tmp)), exist_ok=True)
-            for f in files:
-                os.replace(os.path.join(folder, f), os.path.join(root, os.path.relpath(folder, tmp), f))
+        shutil.copytree(tmp, root, dirs_exist_ok=True)
     except Exception as e:              # URLError, HTTPError, a bad archive, a full disk: all end here
         reason = " ".join(str(e).split())[:160]                      # one line
         raise neural_data.DataError(
@@ -845,35 +818,30 @@ def load_tiny_imagenet(base):
 
 # ==== Baselines: the supervised encoder (sec. 3.3); the raw inputs are read out in run ==============
 def train_supervised(cfg, splits, device):
-    """The supervised baseline of Table 3: the same encoder trained end to end on the labels
-    through a linear head, with the same optimiser and schedule, on views of T_m (neural data: T,
-    which is T_m there; images: crops of area 0.8-1), with dropout after every block and weight
-    decay (sec. 3.3). Where there is a validation split, the encoder of the epoch whose head scores
-    best there is kept: the number of epochs is chosen on validation. Returns the encoder f."""
+    """The supervised baseline of Table 3: the same encoder trained end to end through a linear head with
+    the same optimiser and schedule, on views of T_m, dropout after every block and weight decay (sec.
+    3.3); the encoder of the epoch best on validation (where there is one) is returned."""
     data, val, task = splits[0], splits[1], splits[0].task
     torch.manual_seed(cfg.seed)
     n_out = {"reach": 2, "continuous": data.labels.shape[-1]}.get(task, int(data.labels.max()) + 1)
-    f, D = encoder(cfg, data.x.shape[1], dropout=cfg.sup_dropout)
+    f, D = encoder(cfg, data.n_in, dropout=cfg.sup_dropout)
     model = nn.Sequential(f, nn.Linear(D, n_out)).to(device)
     opt = optimizer(cfg, model)
-    N, B, t0 = len(data), cfg.batch_size, time.time()
+    N, B = len(data), cfg.batch_size
     steps_per_epoch, epochs, total, warmup, _ = schedule(cfg, N)
     best, best_f = -math.inf, None
     if val is not None:                                       # early stopping, on validation only
         x_val, key = val.inputs(torch.arange(len(val), device=device)), KEY.get(task, "acc")
     for epoch in range(epochs):
-        loss_sum = torch.zeros((), device=device)
         n_steps = min(steps_per_epoch, total - epoch * steps_per_epoch)          # the last may be short
         for it, s in enumerate(torch.randperm(N, device=device)[:n_steps * B].split(B)):
-            step = epoch * steps_per_epoch + it
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, warmup, cfg.lr)
+                group["lr"] = lr_at(epoch * steps_per_epoch + it, total, warmup, cfg.lr)
             x = augment(data, data.nearby(s), cfg, t_m=True)      # labelled views, jitter included
             loss = decoding_loss(model(x), data.labels[s], task)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += loss.detach()
         if val is not None:
             with torch.no_grad():
                 model.eval()
@@ -881,49 +849,12 @@ def train_supervised(cfg, splits, device):
                 model.train()
             if score > best:
                 best, best_f = score, copy.deepcopy(f.state_dict())
-        last = {"epoch": epoch + 1, "loss": loss_sum.item() / n_steps, "lr": group["lr"]}
         if (epoch + 1) % (cfg.log_every or max(1, epochs // 20)) == 0:
-            print(f"epoch {epoch + 1:4d}/{epochs} | supervised loss {last['loss']:.4f} | "
-                  f"lr {last['lr']:.2e} | {(epoch + 1) * steps_per_epoch * B / (time.time() - t0):,.0f} "
-                  f"samples/s" + (f" | best validation {best:.2f}" if val is not None else ""), flush=True)
+            print(f"epoch {epoch + 1:4d}/{epochs} | supervised loss {loss.item():.4f} | lr {group['lr']:.2e}"
+                  + (f" | best validation {best:.2f}" if val is not None else ""), flush=True)
     if best_f is not None:
         f.load_state_dict(best_f)
     return f
-
-# ==== The monitor of long runs and the picture of mined views (Fig. 2) =============================
-def knn_accuracy(f, train, test, k=200, temperature=0.1, chunk=1024):
-    """A weighted k-NN classifier (instance discrimination's k = 200, temperature 0.1). Each test
-    sample votes with its k most cosine-similar training samples, weighted by
-    exp(similarity / temperature). Test accuracy in %; draws no random numbers."""
-    y_train, y_test = (F.normalize(y, dim=1) for y in representations(f, [train, test]))
-    n_classes = int(train.labels.max()) + 1
-    correct = 0
-    for i in range(0, len(y_test), chunk):
-        sim, idx = (y_test[i:i + chunk] @ y_train.T).topk(min(k, len(y_train)), dim=1)   # (c, k)
-        votes = torch.zeros(len(sim), n_classes, device=sim.device)
-        votes.scatter_add_(1, train.labels[idx], (sim / temperature).exp())             # (c, classes)
-        correct += int((votes.argmax(1) == test.labels[i:i + chunk]).sum())
-    return 100 * correct / len(y_test)
-
-@torch.no_grad()
-def save_mined_views(path, f, target_f, data, cfg, n=32):
-    """Figures 2 and S4: n anchors, each followed by its k nearest of L candidates, found as in
-    training (T_m views, y_m = f(x_m) against the candidates' target representations, the mask),
-    with BatchNorm in eval mode so that the saved networks are left as they are."""
-    import torchvision
-    gen = torch.Generator(data.x.device).manual_seed(cfg.seed)         # training's streams untouched
-    s, c = (torch.randperm(len(data), generator=gen, device=data.x.device)[:m] for m in (n, pool_size(cfg)))
-    x_m, x_c = augment(data, s, cfg, t_m=True), augment(data, c, cfg, t_m=True)
-    f.eval(), target_f.eval()
-    y_m, y_c = f(x_m), (target_f if cfg.mine_in == "target" else f)(x_c)
-    f.train(), target_f.train()
-    top = nearest(y_m, y_c, data.allowed(s, c), cfg.k)[1]                          # (n, k)
-    rows = torch.cat([x_m[:, None], x_c[top]], 1)                                  # (n, 1 + k, C, H, W)
-    per_row = max(1, 8 // (1 + cfg.k))                                   # anchors side by side
-    png = io.BytesIO()
-    torchvision.utils.save_image((rows.flatten(0, 1) * data.std + data.mean).clamp(0, 1), png, format="png",
-                                 nrow=per_row * (1 + cfg.k), padding=2, pad_value=1.0)
-    write_atomic(path, png.getvalue())
 
 # ==== Checks and parsing of the configuration: refusals are one line, exit status 2 ================
 class ConfigError(Exception):
@@ -937,16 +868,15 @@ class Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (python myow.py --help lists every flag)")
 
 def parse_config(argv=None, arrays=False):
-    """The flags given, over the data set's preset, over the defaults; every field checked (arrays:
-    the recording comes from `fit`, not from --data-file)."""
+    """The flags given, over the data set's preset, over the defaults, all checked (arrays: from fit)."""
     parser = Parser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(Config):
+    for f in dataclasses.fields(Run):
         flag, help, default = "--" + f.name.replace("_", "-"), f.metadata["help"], f.metadata["default"]
         if isinstance(default, bool):
             parser.add_argument(flag, action="store_true", default=None, help=help)
         else:
             parser.add_argument(flag, type=type(default), help=f"{help} [{default}, or the dataset's preset]")
-    cfg = Config(**vars(parser.parse_args(argv)))          # flags not given are None: preset or default
+    cfg = Run(**vars(parser.parse_args(argv)))             # flags not given are None: preset or default
     check_fields(cfg, arrays)
     return cfg
 
@@ -958,15 +888,11 @@ def is_jitter(v):                                       # 'b,c,s,h': four number
     b, c, s, h = (float(x) for x in v.split(","))
     return 0 <= min(b, c, s, h) and max(b, c, s) < math.inf and h <= 0.5
 
-def is_size(v):                                         # 'T,N', or empty
-    if not v:
-        return True
+def is_size(v):                                         # 'T,N'
     T, N = (int(x) for x in v.split(","))
     return T >= 100 and N >= 1
 
-def is_exponents(v):                                    # 'a:b', or empty
-    if not v:
-        return True
+def is_exponents(v):                                    # 'a:b'
     a, b = (int(x) for x in v.split(":"))
     return a <= b
 
@@ -974,8 +900,8 @@ def is_exponents(v):                                    # 'a:b', or empty
 RULES = {
     INT1: lambda v: v >= 1,
     INT0: lambda v: v >= 0,
-    "an integer >= 2 (BatchNorm needs two samples)": lambda v: v >= 2,
-    "an integer >= 8 (the small CNN pools three times)": lambda v: v >= 8,
+    "an integer >= 2 (for BatchNorm)": lambda v: v >= 2,
+    "an integer >= 8": lambda v: v >= 8,                 # the small CNN pools three times
     "an integer in [0, 2^63)": lambda v: 0 <= v < 2 ** 63,
     "a data set named in --help": lambda v: v in PRESETS,
     POS: lambda v: 0 < v < math.inf,
@@ -986,10 +912,10 @@ RULES = {
     BELOW1: lambda v: 0 <= v < 1,
     "in (0, 1)": lambda v: 0 < v < 1,
     AREA: is_area,
-    "'T,N', integers T >= 100 and N >= 1, or empty": is_size,
     "four numbers 'b,c,s,h', each >= 0, hue h <= 0.5": is_jitter,
+    "'T,N', integers T >= 100 and N >= 1, or empty": lambda v: not v or is_size(v),
     "epochs 'm1,m2,...' (integers >= 1), or empty": lambda v: not v or min(int(m) for m in v.split(",")) >= 1,
-    "'a:b' with integers a <= b, or empty": is_exponents,
+    "'a:b' with integers a <= b, or empty": lambda v: not v or is_exponents(v),
 }
 
 def existing_parent(path):
@@ -999,20 +925,16 @@ def existing_parent(path):
     return path
 
 def check_fields(cfg, arrays=False):
-    """Every field against what it may be (the `check` of its arg), then what depends on the
-    data set and the machine: all before any data is loaded or any file is touched."""
-    for f in dataclasses.fields(Config):
+    """Every field against its `check`, then what depends on the data set and the machine: all before
+    any data is loaded or any file is touched."""
+    for f in dataclasses.fields(Run):
         v, check = getattr(cfg, f.name), f.metadata["check"]
-        if check is FREE:
-            continue
         try:
-            if isinstance(check, tuple):
-                ok, allowed = v in check, " or ".join(check)
-            else:
-                ok, allowed = RULES[check](v), check
+            ok = check is FREE or (v in check if isinstance(check, tuple) else RULES[check](v))
         except (ValueError, TypeError):                            # a string of the wrong format
-            ok, allowed = False, check
+            ok = False
         if not ok:
+            allowed = " or ".join(check) if isinstance(check, tuple) else check
             shown = repr(v) if isinstance(v, str) else v
             raise ConfigError(f"--{f.name.replace('_', '-')} {shown}: must be {allowed}")
     neural = cfg.dataset in NEURAL
@@ -1023,11 +945,8 @@ def check_fields(cfg, arrays=False):
         raise ConfigError(f"--pretrain-on {cfg.pretrain_on!r}: images have no validation split; use train")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: torch sees no CUDA device here; use --device cpu (or auto)")
-    if (cfg.save_mined_views or cfg.resume) and not cfg.out:
-        raise ConfigError("--save-mined-views and --resume need --out DIR")
-    if cfg.save_mined_views and (neural or cfg.method != "myow"):
-        raise ConfigError(f"--save-mined-views draws images mined by MYOW; {cfg.dataset} with --method "
-                          f"{cfg.method} has none (use an image data set and --method myow)")
+    if cfg.resume and not cfg.out:
+        raise ConfigError("--resume needs --out DIR, the folder of the run to continue")
     out, data_dir = (existing_parent(p) for p in (cfg.out or ".", cfg.data_dir))    # what exists of them
     if cfg.out and not os.path.isdir(out):
         raise ConfigError(f"--out {cfg.out}: {out} is a file, not a folder; give a folder path")
@@ -1042,7 +961,8 @@ def check_fields(cfg, arrays=False):
                           f"the data (or will, with --download)")
     if cfg.download and not os.access(data_dir, os.W_OK):
         raise ConfigError(f"--download: cannot write in {data_dir}; give a writable --data-dir")
-    if cfg.dataset == "npz" and not arrays and not (cfg.data_file.endswith(".npz") and os.path.isfile(cfg.data_file)):
+    npz = arrays or cfg.data_file.endswith(".npz") and os.path.isfile(cfg.data_file)
+    if cfg.dataset == "npz" and not npz:
         raise ConfigError(f"--data-file {cfg.data_file!r}: --dataset npz needs an existing .npz file "
                           f"(README: your own recording)")
     if cfg.dataset == "phy" and not os.path.isdir(cfg.data_file):
@@ -1051,14 +971,11 @@ def check_fields(cfg, arrays=False):
     if cfg.size and cfg.dataset != "synthetic":
         raise ConfigError(f"--size {cfg.size!r}: only --dataset synthetic takes a size")
 
-SIZING = ("batch_size", "pool_size", "eval_batch_size", "hidden", "rep_dim", "proj_hidden", "proj_dim",
-          "pred_hidden", "image_size")                    # the settings that size tensors
-
 def largest_setting(cfg):
-    """The flag and value of the setting that sizes tensors furthest above its preset (--batch-size
-    where none is above it): what to lower when memory runs out."""
+    """What to lower when memory runs out: the setting that sizes tensors furthest above its preset."""
     preset = Config(dataset=cfg.dataset)
-    name = max(SIZING, key=lambda f: getattr(cfg, f) / max(1, getattr(preset, f)))
+    name = max(("batch_size", "pool_size", "eval_batch_size", "hidden", "rep_dim", "proj_hidden", "proj_dim",
+                "pred_hidden", "image_size"), key=lambda f: getattr(cfg, f) / max(1, getattr(preset, f)))
     return f"--{name.replace('_', '-')} {getattr(cfg, name)}"
 
 def check_config(cfg, data, world):
@@ -1088,6 +1005,8 @@ def setup_distributed(cfg):
     """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is one process."""
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     torch.backends.cudnn.benchmark = cuda                # every shape in a run is fixed: autotune once
+    if cfg.threads or "OMP_NUM_THREADS" not in os.environ and cfg.arch == "mlp":   # beside other work, 2
+        torch.set_num_threads(cfg.threads or 1)          # threads took the MLP 2-2.4 x as long (README)
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
     here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))                 # processes on this machine
@@ -1111,9 +1030,9 @@ class Stopped(Exception):
 
 @contextmanager
 def stop_on_signals(first):
-    """The first stop signal asks training to stop after the epoch, with a checkpoint (`first` then
-    holds its number and time); a second one ends the run at once. A repeat within a second is the
-    same request: torchrun forwards to its workers what a terminal or scheduler also sends them."""
+    """The first stop signal asks training to stop after the epoch, with a checkpoint (`first` holds its
+    number and time); a second ends the run at once, but a repeat within a second is the same request
+    (torchrun forwards to its workers what a terminal or scheduler also sends them)."""
     def handler(signum, frame):
         if first and time.time() - first[1] > 1:
             raise Stopped(signum, "a second time: stopped at once, without a checkpoint of this epoch")
@@ -1128,71 +1047,71 @@ def stop_on_signals(first):
         for s, h in before.items():
             signal.signal(s, h)
 
-def train_logged(cfg, data, device, state=None, monitor=None):
-    """train with what a tool adds: --resume from a checkpoint, and after every epoch the means over
-    steps and processes, a stop on a non-finite loss, the log, the k-NN monitor, the checkpoint and
-    a stop after the epoch when a signal came (every process at the same epoch); then the picture of
-    mined views. Returns the online model and the last epoch's log record."""
+def train_logged(cfg, data, device, state=None):
+    """train with what a tool adds: --resume from a checkpoint, and after each epoch the means over steps
+    and processes, a stop on a non-finite loss, the log, the checkpoint and log.jsonl, and a stop when a
+    signal came (every process at the same epoch). Returns the online model and the last log record."""
     rank, world = rank_world()
-    epochs, log, signalled = schedule(cfg, len(data))[1], make_logger(cfg), []
-    book = {"start": 0, "t0": time.time(), "last": None}
+    epochs, signalled, book = schedule(cfg, len(data))[1], [], {"start": 0, "t0": time.time(), "log": []}
 
     def resume(training):
-        book["start"], book["last"] = restore(state, *training, rank, device)
-        return book["start"]
+        model, target, opt, index_gen = training
+        for module, key in ((model, "model"), (target, "target"), (opt, "opt")):
+            module.load_state_dict(state[key])
+        rng = state["rng"][rank]
+        torch.set_rng_state(rng["torch"])
+        index_gen.set_state(rng["index"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+        book["start"], book["log"] = state["epoch"], state["log"]
+        return state["epoch"]
 
     def after_epoch(epoch, record, mined, training):
-        model, target, opt, index_gen = book["training"] = training
+        model, target, opt, index_gen = training
         stop = torch.tensor(float(signalled[0] if signalled else 0), device=device)
-        losses, same = record["losses"], torch.zeros(2, device=device)
-        if cfg.method == "myow" and data.classes:        # App. F: mined views of the anchor's label
-            for s, c, has in mined:
-                same += torch.stack([((data.labels[s] == data.labels[c]) * has).sum(), has.sum()])
+        losses, same, mining = record["losses"], torch.zeros(2, device=device), cfg.method == "myow"
+        for s, c, has in mined if mining and data.classes else []:   # App. F: mined views of its label
+            same += torch.stack([((data.labels[s] == data.labels[c]) * has).sum(), has.sum()])
         if world > 1:                             # every rank stops together; logs cover all ranks
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-            for t in (losses, same):
-                dist.all_reduce(t)
+            dist.all_reduce(losses)
+            dist.all_reduce(same)
             losses /= world
         loss, loss_aug, loss_mined = losses.tolist()
         if not all(map(math.isfinite, (loss, loss_aug, loss_mined))):   # a NaN anywhere stays in the mean
-            raise FloatingPointError(f"non-finite loss in epoch {epoch + 1} (mean loss {loss:.4g}: "
-                                     f"augmented-view loss {loss_aug:.4g}, mined-view loss {loss_mined:.4g}, "
-                                     f"lambda {record['lam']:.4g}); lower --lr. The last good checkpoint is kept.")
-        mining = cfg.method == "myow"
-        last = {"epoch": epoch + 1, "loss": loss, "loss_aug": loss_aug, "loss_mined": loss_mined if mining else None,
-                "lr": record["lr"], "tau": record["tau"], "lambda": record["lam"], "mining_class_acc": None}
+            raise FloatingPointError(f"non-finite loss in epoch {epoch + 1} (mean loss {loss:.4g}: augmented-"
+                                     f"view loss {loss_aug:.4g}, mined-view loss {loss_mined:.4g}, lambda "
+                                     f"{record['lam']:.4g}); lower --lr. The last good checkpoint is kept.")
+        rec = {"epoch": epoch + 1, "loss": loss, "loss_aug": loss_aug,
+               "loss_mined": loss_mined if mining else None, "lr": record["lr"], "tau": record["tau"],
+               "lambda": record["lam"], "mining_class_acc": None}
         if mining and data.classes:
-            last["mining_class_acc"] = 100 * same[0].item() / max(1, same[1].item())
-        if monitor and rank == 0 and (epoch + 1) % cfg.eval_every == 0:
-            last["knn_acc"] = monitor(model.net.f)
-        if rank == 0:
-            shown = (epoch + 1) % (cfg.log_every or max(1, epochs // 20)) == 0 or epoch + 1 == epochs
+            rec["mining_class_acc"] = 100 * same[0].item() / max(1, same[1].item())
+        book["log"].append(rec)
+        if rank == 0 and ((epoch + 1) % (cfg.log_every or max(1, epochs // 20)) == 0 or epoch + 1 == epochs):
             done, elapsed = epoch + 1 - book["start"], time.time() - book["t0"]
-            log(last, print_line=shown, rate=done * record["steps"] * cfg.batch_size / elapsed,
-                eta=elapsed / done * (epochs - epoch - 1), epochs=epochs)
+            part = f" mined {loss_mined:.3f}" if mining else ""
+            part += f" | class-acc {rec['mining_class_acc']:.1f}%" if mining and data.classes else ""
+            part += f") | lr {rec['lr']:.2e} tau {rec['tau']:.4f} lambda {rec['lambda']:.2f} | "
+            print(f"epoch {epoch + 1:4d}/{epochs} | loss {loss:.3f} (aug {loss_aug:.3f}{part}"
+                  f"{done * record['steps'] * cfg.batch_size / elapsed:,.0f} samples/s | "
+                  f"ETA {elapsed / done * (epochs - epoch - 1):.0f}s", flush=True)
         if cfg.out and (stop or (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == epochs):
             ckpt = {"model": model.state_dict(), "target": target.state_dict(), "opt": opt.state_dict(),
-                    "epoch": epoch + 1, "last": last, "rng": rng_states(index_gen),
-                    "config": dataclasses.asdict(cfg), "conditions": conditions(device)}
-            if rank == 0:
+                    "epoch": epoch + 1, "log": book["log"], "rng": rng_states(index_gen),
+                    "config": dataclasses.asdict(cfg)}
+            if rank == 0:                         # the log of the epochs the checkpoint holds, no more
                 save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), ckpt)
-        book["last"] = last
+                lines = "".join(json.dumps(r) + "\n" for r in book["log"])
+                write_atomic(os.path.join(cfg.out, "log.jsonl"), lines.encode())
         if stop:
             raise Stopped(int(stop), f"after epoch {epoch + 1}")
     with stop_on_signals(signalled):
-        model = train(cfg, data, device, after_epoch, resume if state else None)
-    if cfg.save_mined_views and rank == 0 and "training" in book:
-        save_mined_views(os.path.join(cfg.out, "mined_views.png"), model.net.f, book["training"][1].f, data, cfg)
-    return model, book["last"]
+        return train(cfg, data, device, after_epoch, resume if state else None), book["log"][-1]
 
 RUN_FIELDS = {"out", "resume", "overwrite", "device", "log_every", "ckpt_every", "data_dir"}
 
-def conditions(device):
-    """What a bit-identical resume needs besides the checkpoint (the process count is checked)."""
-    return f"{torch.get_num_threads()} CPU thread(s), {device.type}"
-
-def rng_states(index_gen):
-    """Every generator in use, for every rank (each has its own augmentation stream)."""
+def rng_states(index_gen):                      # every generator, for every rank (each has its own stream)
     states = {"torch": torch.get_rng_state(), "index": index_gen.get_state(),
               **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
     if not dist.is_initialized():
@@ -1202,9 +1121,8 @@ def rng_states(index_gen):
     return gathered
 
 def write_atomic(path, data):
-    """Every file of a run is written so: bytes to a temporary file, flushed to disk, renamed. A kill
-    at any moment leaves the previous file whole; a write that fails (a full disk, a lost folder)
-    leaves no temporary file and ends the run in one line naming the file and the reason."""
+    """Every file of a run is written so: to a temporary file, flushed to disk, renamed. A kill leaves the
+    previous file whole; a failed write (a full disk) leaves no temporary file and ends in one line."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as fh:
@@ -1249,52 +1167,36 @@ def load_checkpoint(path, cfg):
                           f"{', '.join(differ)}); resume with the same settings or use another --out")
     return state
 
-def restore(state, model, target, opt, index_gen, rank, device):
-    """--resume: the networks, the optimiser and this rank's random streams as the checkpoint left them."""
-    model.load_state_dict(state["model"])
-    target.load_state_dict(state["target"])
-    opt.load_state_dict(state["opt"])
-    rng = state["rng"][rank]
-    torch.set_rng_state(rng["torch"])
-    index_gen.set_state(rng["index"])
-    if "cuda" in rng and device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"])
-    return state["epoch"], state["last"]
-
 # ==== The trained encoder outside the run: encoder.pt, load_encoder and fit =========================
 def encoder_state(f, cfg, data):
-    """encoder.pt's contents: f's weights and all that rebuilding and feeding it needs (the settings,
-    the number of inputs, the neurons kept, the training statistics, the image size)."""
-    inputs = {"c_in": data.x.shape[1], "mean": data.mean.cpu(), "std": data.std.cpu()}
+    """encoder.pt: f's weights and what rebuilding and feeding it needs (settings, neurons kept, window,
+    training statistics, image size)."""
+    inputs = {"c_in": data.n_in, "mean": data.mean.cpu(), "std": data.std.cpu()}
     if isinstance(data, neural_data.NeuralSplit):
-        inputs["keep"] = torch.as_tensor(data.keep)             # (N,) of the recording's neurons
+        inputs["keep"], inputs["offsets"] = torch.as_tensor(data.keep), data.offsets.cpu()
     else:
         inputs["size"], inputs["hw"] = data.size, list(data.x.shape[-2:])
     return {"format": "myow encoder 1", "config": dataclasses.asdict(cfg), "inputs": inputs,
             "encoder": {k: v.cpu() for k, v in f.state_dict().items()}}
 
 def load_encoder(path, device="cpu"):
-    """The encoder of a finished run as a function from raw inputs to y = f(x), (n, D): firing rates
-    (T, N) in Hz of the training recording's N neurons (the silent ones are dropped as in training),
-    or uint8 images (n, C, H, W). Inputs are normalised with the training statistics; BatchNorm is
-    in eval mode. Three lines: `f = myow.load_encoder("runs/c1/encoder.pt"); y = f(rates)`."""
+    """The encoder of a finished run (encoder.pt, or its contents) as a function from raw inputs to
+    y = f(x), (n, D): firing rates (T, N) in Hz of the training recording's N neurons (the silent ones
+    are dropped as in training; each bin with the bins before it, as training's window, the first bin
+    repeating at the start), or uint8 images (n, C, H, W). Normalised with the training statistics;
+    BatchNorm in eval mode. `f = myow.load_encoder("runs/c1/encoder.pt"); y = f(rates)`."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = path if isinstance(path, dict) else torch.load(path, map_location="cpu", weights_only=True)
         assert saved["format"] == "myow encoder 1"
-        return embedder(saved, device)
+        names = {f.name for f in dataclasses.fields(Config)}        # what an older version had goes
+        cfg, inputs = Config(**{k: v for k, v in saved["config"].items() if k in names}), saved["inputs"]
+        f = encoder(cfg, inputs["c_in"], cfg.sup_dropout if cfg.method == "supervised" else 0.0)[0]
+        f.load_state_dict(saved["encoder"])
     except FileNotFoundError:
         raise
     except Exception as e:
         raise ValueError(f"{path} is not an encoder.pt written by myow.py ({type(e).__name__}: {e}); "
                          f"give the encoder.pt in the --out folder of a finished run") from None
-
-def embedder(saved, device="cpu"):
-    """The function load_encoder returns, from encoder.pt's contents (settings of an older version that
-    this one no longer has are left out)."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    cfg, inputs = Config(**{k: v for k, v in saved["config"].items() if k in names}), saved["inputs"]
-    f = encoder(cfg, inputs["c_in"], cfg.sup_dropout if cfg.method == "supervised" else 0.0)[0]
-    f.load_state_dict(saved["encoder"])
     f.to(device).eval()
     mean, std = inputs["mean"].to(device), inputs["std"].to(device)
     neural = "keep" in inputs
@@ -1318,7 +1220,9 @@ def embedder(saved, device="cpu"):
             raise ValueError(f"firing rate at row {t}, neuron {n} is {x[t, n].item()}; remove or interpolate "
                              f"non-finite values")
         if neural:
-            x = (x.float()[:, inputs["keep"].to(device)] - mean) / std
+            x = (x.float()[:, inputs["keep"].to(device)] - mean) / std                          # (T, N)
+            offsets = inputs.get("offsets", torch.zeros(1, dtype=torch.long)).to(device)  # (W,) <= 0
+            x = x[(torch.arange(len(x), device=device)[:, None] + offsets).clamp(min=0)].flatten(1)
         else:
             x = image_inputs(x, mean, std, inputs["size"])
         return torch.cat([f(c).float() for c in x.split(1024)])
@@ -1336,105 +1240,73 @@ def fit(rates, trial=None, time=None, labels=None, bin_s=None, **settings):
     arrays = dict(firing_rates=rates, trial=trial, time=time, labels=labels, bin_s=bin_s)
     rec = neural_data.from_arrays("arrays", {k: np.asarray(v) for k, v in arrays.items() if v is not None})
     result, saved = run(cfg, rec)
-    return result, saved and embedder(saved)
+    return result, saved and load_encoder(saved)
 
-# ==== --out: the log, the files of a run, never two runs in one folder nor one overwritten ==========
-def make_logger(cfg):
-    path = os.path.join(cfg.out, "log.jsonl") if cfg.out else None
-
-    def log(rec, print_line, rate, eta, epochs):
-        if path:
-            try:
-                with open(path, "a") as fh:
-                    fh.write(json.dumps(rec) + "\n")
-            except OSError as e:                   # appended, not rewritten: a torn line is skipped
-                raise cannot_write(path, e) from None   # on --resume (prepare_out)
-        if print_line:
-            mined = f" mined {rec['loss_mined']:.3f}" if rec["loss_mined"] is not None else ""
-            if rec["mining_class_acc"] is not None:       # mined views sharing the anchor's label
-                mined += f" | class-acc {rec['mining_class_acc']:.1f}%"
-            print(f"epoch {rec['epoch']:4d}/{epochs} | loss {rec['loss']:.3f} (aug {rec['loss_aug']:.3f}"
-                  f"{mined}) | lr {rec['lr']:.2e} tau {rec['tau']:.4f} lambda {rec['lambda']:.2f} | "
-                  + (f"k-NN {rec['knn_acc']:.2f}% | " if "knn_acc" in rec else "")
-                  + f"{rate:,.0f} samples/s | ETA {eta:.0f}s", flush=True)
-    return log
-
-OUT_FILES = ("config.json", "log.jsonl", "results.json", "checkpoint.pt", "encoder.pt", "mined_views.png")
-
-def lock_out(out):
-    """One run a folder: an exclusive lock on --out/.lock, held while this process lives (the operating
-    system releases it when the process ends, even by kill -9). Another live run's is refused."""
-    os.makedirs(out, exist_ok=True)
-    fh = open(os.path.join(out, ".lock"), "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fh.seek(0)
-        raise ConfigError(f"--out {out} is being written by another run (process {fh.read().strip() or '?'}); "
-                          f"wait for it to end, or give another --out") from None
-    fh.truncate(0)
-    fh.write(str(os.getpid()))
-    fh.flush()
-    return fh
+# ==== --out: the files of a run, never two runs in one folder nor one overwritten ===============
+OUT_FILES = ("config.json", "log.jsonl", "results.json", "checkpoint.pt", "encoder.pt")
 
 def prepare_out(cfg, rank):
-    """Never overwrite a run silently: continue it (--resume) or replace it (--overwrite). A run
-    stopped before its first checkpoint kept nothing worth keeping: the same command starts it again.
-    Returns the checkpoint to resume from, and the lock that keeps a second run out."""
+    """One run a folder: rank 0 holds a lock on --out/.lock while it lives (the system releases it even at
+    kill -9). A run is continued (--resume) or replaced (--overwrite), never overwritten silently; one
+    stopped before its first checkpoint is started again. Returns the checkpoint to resume, the lock."""
     if not cfg.out:
         return None, None
-    lock = lock_out(cfg.out) if rank == 0 else None
     ours = [f for f in OUT_FILES if os.path.exists(os.path.join(cfg.out, f))]
     again = bool(ours) and set(ours) <= {"config.json", "log.jsonl"}      # started, nothing kept
     state = load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), cfg) if cfg.resume and not again else None
     if ours and not (cfg.resume or cfg.overwrite or again):
         raise ConfigError(f"--out {cfg.out} already holds a run ({', '.join(ours)}); continue it with "
                           f"--resume or replace it with --overwrite")
+    lock = None
+    if rank == 0:                                  # refusals above touch nothing; from here on, one run
+        os.makedirs(cfg.out, exist_ok=True)
+        lock = open(os.path.join(cfg.out, ".lock"), "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            raise ConfigError(f"--out {cfg.out} is being written by another run (process {holder}); wait for "
+                              f"it to end, or give another --out") from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
     if dist.is_initialized():
         dist.barrier()                             # every rank has looked before rank 0 writes
     if rank == 0:
         if cfg.overwrite and not cfg.resume or again:
             for f in ours:
                 os.remove(os.path.join(cfg.out, f))
-        log = os.path.join(cfg.out, "log.jsonl")
-        if state and os.path.exists(log):          # epochs logged after the checkpoint go, and a line
-            keep = []                              # torn by a kill or a full disk
-            for line in open(log):
-                try:
-                    keep += [line] if json.loads(line)["epoch"] <= state["epoch"] else []
-                except (ValueError, KeyError, TypeError):
-                    pass
-            write_atomic(log, "".join(keep).encode())
         config = json.dumps(dataclasses.asdict(cfg), indent=1)
         write_atomic(os.path.join(cfg.out, "config.json"), config.encode())
     return state, lock
 
 def seconds_per_step(cfg, data, device):
-    """One training step's time, measured on a throwaway copy of the setup (train seeds every random
-    stream itself: this changes no result). None where it would cost a compile or a collective."""
+    """One step's time on a throwaway setup (train seeds its random streams: no result changes); None
+    where that would cost a compile or a collective."""
     if cfg.compile or dist.is_initialized() or cfg.method not in ("myow", "byol"):
         return None
-    model, online, target, _ = setup_training(cfg, data, device)
+    _, online, target, _ = setup_training(cfg, data, device)
     s, c = (torch.arange(n, device=device) % len(data) for n in (cfg.batch_size, pool_size(cfg)))
-    for _ in range(2):                                   # the first step pays one-off costs
+    for n in (1, 5):                           # the first step pays one-off costs; then the mean of 5
         t = time.time()
-        myow_step(cfg, data, online, target, s, c, 1.0)[0].backward()
+        for _ in range(n):
+            myow_step(cfg, data, online, target, s, c, 1.0)[0].backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    return time.time() - t
-
-def peak_host_mb():                                   # the largest resident memory so far (Linux: KiB)
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
+    return (time.time() - t) / 5
 
 def run(cfg, rec=None):
-    """One run: data, training, the readout, the files in --out, the JSON line. rec: a recording given
-    as arrays (fit). Returns the results and encoder.pt's contents (rank 0; other ranks None)."""
+    """Data, checks, --out, the first line, training, the readout, the files, the JSON line (rec: from
+    fit). Returns the results and encoder.pt's contents (rank 0; other ranks None)."""
     t_start = time.time()
     rank, world, device = setup_distributed(cfg)
     if cfg.dataset in NEURAL:
         rec, splits, _, pretrain = neural_data.load_neural(cfg, device, rec)
-        about = ", ".join([f"{len(rec.rates)} bins x {splits[0].x.shape[1]} neurons"] + [rec.about] * bool(rec.about))
+        about = f"{len(rec.rates)} bins x {splits[0].x.shape[1]} neurons"
+        about += f", {rec.about}" if rec.about else ""
+        if len(pretrain.offsets) > 1:
+            about += f", x: the bin and {len(pretrain.offsets) - 1} before it (--context-s {cfg.context_s})"
         if pretrain.min_gap_s != cfg.min_gap_s:    # a recording split in time: 1/24 of it (neural_data)
             about += f", split in time: mined views >= {pretrain.min_gap_s:.4g} s away (--min-gap-s)"
     else:
@@ -1445,76 +1317,65 @@ def run(cfg, rec=None):
     check_config(cfg, pretrain, world)
     state, lock = prepare_out(cfg, rank)
     with lock or nullcontext():                     # held until the run ends, however it ends
-        return train_and_read_out(cfg, splits, pretrain, about, state, device, t_start)
+        trained_on = splits[0] if cfg.method == "supervised" else pretrain
+        per_epoch, epochs, steps = schedule(cfg, len(trained_on))[:3]
+        plan = f"; {steps:,} steps ({epochs:,} epochs of {per_epoch:,})" if cfg.method != "raw" else ""
+        t = (seconds_per_step(cfg, pretrain, device) or 0) * steps   # said first: a long run can be stopped
+        plan += f", about {t / 60:.1f} min" if t > 120 else f", about {t:.0f} s" if t else ""
+        cpu = f" ({torch.get_num_threads()} CPU thread(s))" if device.type == "cpu" else ""
+        if rank == 0:
+            print(f"{cfg.dataset}: {about}, splits {[len(s) for s in splits if s]}, {cfg.method} on "
+                  f"{world} x {device}{cpu}{plan}", flush=True)
+        t0 = time.time()
+        if cfg.method == "supervised":
+            f, last = train_supervised(cfg, splits, device), {"mining_class_acc": None}
+        elif cfg.method == "raw":                  # the floor: the same readout on the inputs themselves
+            f, last = nn.Flatten(), {"mining_class_acc": None}
+        else:
+            model, last = train_logged(cfg, pretrain, device, state)
+            f = model.net.f
+        train_seconds = time.time() - t0
+        if rank != 0:                    # wait for rank 0's evaluation: ranks that leave the process
+            dist.barrier()               # group while another still works can abort at exit (gloo)
+            return None
+        t0 = time.time()
+        feats = representations(f, splits)
+        labels = [s and s.labels for s in splits]
+        metrics = linear_eval(feats, labels, splits[0].task, cfg) if splits[0].labels is not None else {}
+        if splits[0].task == "class" and splits[0].coarse is not None:          # CIFAR-20 (Table 1)
+            coarse = [l if l is None else splits[0].coarse[l] for l in labels]
+            metrics["test_acc_cifar20"] = linear_eval(feats, coarse, "class", cfg)["test_acc"]
+        trained = cfg.method != "raw"                                  # the floor trains nothing
+        result = {"dataset": cfg.dataset, "method": cfg.method, "seed": cfg.seed, "epochs": epochs * trained,
+                  **metrics, "mining_class_acc": last["mining_class_acc"],
+                  "world_size": world, "train_seconds": round(train_seconds, 2), "eval_seconds":
+                  round(time.time() - t0, 2), "total_seconds": round(time.time() - t_start, 2),
+                  "steps": steps * trained, "peak_host_mb": round(peak_host_mb())}
+        if device.type == "cuda":
+            result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)
+        saved = encoder_state(f, cfg, pretrain) if trained else None        # raw has no encoder to keep
+        if cfg.out:
+            if saved:
+                save_checkpoint(os.path.join(cfg.out, "encoder.pt"), saved)
+            write_atomic(os.path.join(cfg.out, "results.json"), json.dumps(result, indent=1).encode())
+        print(json.dumps(result), flush=True)
+        if world > 1:
+            dist.barrier()
+        return result, saved
 
-def train_and_read_out(cfg, splits, pretrain, about, state, device, t_start):
-    """The rest of a run: the first line, training, the readout, the files in --out, the JSON line."""
-    rank, world = rank_world()
-    if rank == 0 and state and state.get("conditions", conditions(device)) != conditions(device):
-        print(f"note: the checkpoint was written with {state['conditions']}, this run has "
-              f"{conditions(device)}: it goes on, but will not end bit-identical to an uninterrupted run",
-              file=sys.stderr)
-    per_epoch, epochs, steps = schedule(cfg, len(splits[0] if cfg.method == "supervised" else pretrain))[:3]
-    plan = f"; {steps:,} steps ({epochs:,} epochs of {per_epoch:,})" if cfg.method != "raw" else ""
-    step_s = seconds_per_step(cfg, pretrain, device)
-    if step_s:                                     # said before the run: a long one can be stopped now
-        t = step_s * steps
-        plan += f", about {t / 60:.1f} min" if t > 120 else f", about {t:.0f} s"
-    if rank == 0:
-        print(f"{cfg.dataset}: {about}, splits {[len(s) for s in splits if s]}, {cfg.method} on "
-              f"{world} x {device}{plan}", flush=True)
-    t0 = time.time()
-    if cfg.method == "supervised":
-        f, last = train_supervised(cfg, splits, device), {"mining_class_acc": None}
-    elif cfg.method == "raw":                  # the floor: the same readout on the inputs themselves
-        f, last = nn.Flatten(), {"mining_class_acc": None}
-    else:
-        knn = cfg.eval_every and splits[0].classes                    # a k-NN monitor needs classes
-        monitor = (lambda f: knn_accuracy(f, splits[0], splits[2])) if knn else None
-        model, last = train_logged(cfg, pretrain, device, state, monitor)
-        f = model.net.f
-    train_seconds = time.time() - t0
-    if rank != 0:                    # wait for rank 0's evaluation: ranks that leave the process
-        dist.barrier()               # group while another still works can abort at exit (gloo)
-        return None
-    t0 = time.time()
-    feats = representations(f, splits)
-    labels = [s and s.labels for s in splits]
-    metrics = linear_eval(feats, labels, splits[0].task, cfg) if splits[0].labels is not None else {}
-    if splits[0].task == "class" and splits[0].coarse is not None:          # CIFAR-20 (Table 1)
-        coarse = [l if l is None else splits[0].coarse[l] for l in labels]
-        metrics["test_acc_cifar20"] = linear_eval(feats, coarse, "class", cfg)["test_acc"]
-    trained = cfg.method != "raw"                                  # the floor trains nothing
-    result = {"dataset": cfg.dataset, "method": cfg.method, "seed": cfg.seed, "epochs": epochs * trained,
-              **metrics, "mining_class_acc": last["mining_class_acc"], "knn_acc": last.get("knn_acc"),
-              "world_size": world, "train_seconds": round(train_seconds, 2),
-              "eval_seconds": round(time.time() - t0, 2), "total_seconds": round(time.time() - t_start, 2),
-              "steps": steps * trained, "peak_host_mb": round(peak_host_mb())}
-    if device.type == "cuda":
-        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)
-    saved = encoder_state(f, cfg, pretrain) if trained else None        # raw has no encoder to keep
-    if cfg.out:
-        if saved:
-            save_checkpoint(os.path.join(cfg.out, "encoder.pt"), saved)
-        write_atomic(os.path.join(cfg.out, "results.json"), json.dumps(result, indent=1).encode())
-    print(json.dumps(result), flush=True)
-    if world > 1:
-        dist.barrier()
-    return result, saved
-
-def resume_command(argv):
-    """The command that continues this run: its own flags and --resume, under torchrun if it was."""
-    flags = [a for a in argv if a not in ("--resume", "--overwrite")] + ["--resume"]
-    here = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    launcher = ["torchrun", "--nproc_per_node", here] if "RANK" in os.environ else ["python"]
-    return shlex.join(launcher + [os.path.relpath(__file__)] + flags)
+def peak_host_mb():                                   # the largest resident memory so far (Linux: KiB)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
 
 def stop_line(e, cfg, argv):
-    """What a signal left: the checkpoint and the command that continues, or nothing yet."""
-    ckpt = cfg and cfg.out and os.path.join(cfg.out, "checkpoint.pt")
-    if ckpt and os.path.exists(ckpt):
-        return f"stopped: {e}; the checkpoint in {cfg.out} is kept; continue with: {resume_command(argv)}"
-    again = shlex.join(["python", os.path.relpath(__file__)] + list(argv))
+    """What a signal left: the checkpoint and the command that continues, or nothing and the same one."""
+    here = [os.path.relpath(__file__)]
+    if cfg and cfg.out and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
+        torchrun = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", "1")]
+        flags = [a for a in argv if a not in ("--resume", "--overwrite")] + ["--resume"]
+        command = shlex.join((torchrun if "RANK" in os.environ else ["python"]) + here + flags)
+        return f"stopped: {e}; the checkpoint in {cfg.out} is kept; continue with: {command}"
+    again = shlex.join(["python", *here, *argv])
     return f"stopped: {e}; nothing was kept yet; the same command starts again: {again}"
 
 def main(argv=None):
@@ -1541,9 +1402,8 @@ def main(argv=None):
     except RuntimeError as e:                   # out of memory: CUDA's own error, the CPU allocator's
         if not isinstance(e, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
-        setting = largest_setting(cfg)
-        print(f"error: out of memory ({str(e).splitlines()[0]}); lower {setting}, the setting that sizes "
-              f"this run's memory most; the last checkpoint in --out is kept", file=sys.stderr)
+        print(f"error: out of memory ({str(e).splitlines()[0]}); lower {largest_setting(cfg)}, the setting "
+              f"that sizes this run's memory most; the last checkpoint in --out is kept", file=sys.stderr)
         sys.exit(1)
     finally:
         for s, h in before.items():

@@ -24,10 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
 class DataError(Exception):
     """Bad or missing data: the message says what was wrong and what to do."""
-
 
 @dataclass
 class Recording:
@@ -40,10 +38,7 @@ class Recording:
     bin_s: float            # bin width in seconds
     about: str = ""         # what the first line of a run should say of it (the labels read, the segments)
 
-
-# ---------------------------------------------------------------------------------------------
-# Binning and splits
-# ---------------------------------------------------------------------------------------------
+# ==== Binning and splits ===========================================================================
 def bin_spikes(spike_times, units, n_units, edges, rate=False):
     """Spike counts (T, N) of spikes at `spike_times` (s) from `units` (ids 0..n_units-1) in the
     bins [edges[i], edges[i+1]); spikes outside the edges are ignored. rate=True divides by the
@@ -55,9 +50,7 @@ def bin_spikes(spike_times, units, n_units, edges, rate=False):
     counts = counts.reshape(len(edges) - 1, n_units).astype(np.float32)
     return counts / np.diff(edges)[:, None].astype(np.float32) if rate else counts
 
-
 FEW_TRIALS = 10    # fewer trials than this: one continuous recording, or a few sessions back to back
-
 
 def temporal_split(trial, fractions=(0.7, 0.1, 0.2)):
     """Train/validation/test sample indices in recording order (Appendix D: 70/10/20). Whole trials go
@@ -71,15 +64,12 @@ def temporal_split(trial, fractions=(0.7, 0.1, 0.2)):
     parts = np.split(ids, [n_train, n_train + n_val])
     return tuple(np.flatnonzero(np.isin(groups, p)) for p in parts)
 
-
 TICK = 1e-6     # seconds: times, windows and gaps are compared in whole microseconds, since in
                 # floats 0.3 - 0.2 < 0.1 and a bin exactly 200 ms away would fall out of the window
-
 
 def ticks(seconds):
     """Seconds as int64 microseconds (np.inf stays out: callers handle an infinite gap)."""
     return np.round(np.asarray(seconds, np.float64) / TICK).astype(np.int64)
-
 
 def trial_axis(trial, time, gap):
     """Each sample's position (int64 microseconds) on one axis on which consecutive trials lie more
@@ -93,7 +83,6 @@ def trial_axis(trial, time, gap):
     t -= t.min()
     return rank * (t.max() + ticks(gap) + 1) + t
 
-
 def jitter_bounds(trial, time, window):
     """For each sample, the index range [lo, hi] of samples in the same trial at most `window`
     seconds away (temporal jitter, Appendix D/J). Samples in recording order, trials contiguous."""
@@ -102,16 +91,12 @@ def jitter_bounds(trial, time, window):
     hi = np.searchsorted(key, key + w, side="right") - 1
     return lo, hi
 
-
 def mining_mask(axis_a, axis_c, min_gap):
     """(B, L) True where candidate c may be mined for anchor a (Appendix B): another trial, or the
     same trial at least `min_gap` seconds away; axis from `trial_axis`, compared as integers."""
     return (axis_a[:, None] - axis_c[None, :]).abs_() >= (1 if math.isinf(min_gap) else int(ticks(min_gap)))
 
-
-# ---------------------------------------------------------------------------------------------
-# Published recordings: download, checksum, restricted unpickling
-# ---------------------------------------------------------------------------------------------
+# ==== Published recordings: download, checksum, restricted unpickling ==============================
 REACH_URL = "https://github.com/nerdslab/myow-neuro/raw/main/data/mihi-chewie/processed/"
 RODENT_URL = "https://github.com/nerdslab/myow-neuro/raw/main/data/rodent/"
 FILES = {  # name -> (url, sha256), from ../shared/data/README.md
@@ -130,14 +115,12 @@ REACH = {"chewie1": "full-chewie-10032013-bin0.10-vel_thresh5.00.pkl",
          "chewie2": "full-chewie-12192013-bin0.10-vel_thresh5.00.pkl",
          "mihi1": "full-mihi-03032014-bin0.10-vel_thresh5.00.pkl"}
 
-
 def sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
 
 def fetch(name, data_dir, download=True):
     """Path of the published file `name` in `data_dir`, downloaded if missing; refuses a file
@@ -167,13 +150,11 @@ def fetch(name, data_dir, download=True):
                         f"the file is corrupt or not the published one; delete it to download again")
     return path
 
-
 class _Record:
     """Stand-in for torch_geometric's Data and GlobalStorage: keeps the pickled state."""
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-
 
 class ReachUnpickler(pickle.Unpickler):
     """Admits only the globals the published reach pickles name; anything else is refused, so a
@@ -195,7 +176,6 @@ class ReachUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a reach pickle")
         return allowed[(module, name)]
 
-
 def load_reach(path, name):
     with open(path, "rb") as f:
         trials = ReachUnpickler(f).load()["data"]
@@ -206,7 +186,6 @@ def load_reach(path, name):
     labels = np.concatenate([d["y"].numpy() for d in fields]).astype(np.int64)
     return Recording(name, rates, trial.astype(np.int64), steps * 0.1, labels, "reach", 0.1)
 
-
 def load_mouse(data_dir, download=True):
     counts = np.load(fetch("fr_bins_n_4full.npy", data_dir, download), allow_pickle=False)
     states = np.load(fetch("behav_states_n_4full.npy", data_dir, download), allow_pickle=False)
@@ -214,7 +193,6 @@ def load_mouse(data_dir, download=True):
     t = np.arange(len(rates), dtype=np.float64) * 4.0
     return Recording("mouse", rates, np.zeros(len(rates), np.int64), t, states.astype(np.int64),
                      "state", 4.0)
-
 
 def load_npz(path):
     """A user's recording as `np.savez` wrote it: the arrays of `from_arrays` (README: your own recording)."""
@@ -228,7 +206,6 @@ def load_npz(path):
                         f"({type(e).__name__}); write it with np.savez (README)") from None
     return from_arrays(path, f)
 
-
 def from_arrays(path, f):
     """A recording from arrays: `firing_rates` (T, N) in Hz and `trial` ids or `time` stamps (s), optional
     `labels`: (T,) integer classes, or floats (T,) or (T, d) of a continuous behaviour (decoded with R²);
@@ -239,8 +216,9 @@ def from_arrays(path, f):
     if rates.ndim != 2:
         raise DataError(f"firing_rates in {path} has shape {rates.shape}; expected (T, N)")
     T = len(rates)
-    bin_s = float(f.get("bin_s", 1.0))
     trial = np.asarray(f.get("trial", np.zeros(T)), np.int64)
+    steps = np.diff(np.asarray(f.get("time", [0.0]), np.float64))
+    bin_s = float(f.get("bin_s", np.median(steps[steps > 0]) if (steps > 0).any() else 1.0))   # else time's
     time = np.asarray(f["time"], np.float64) if "time" in f else _time_in_trial(trial) * bin_s
     for k, v in (("trial", trial), ("time", time)):
         if v.shape != (T,):
@@ -251,7 +229,8 @@ def from_arrays(path, f):
         raise DataError(f"{path}: bins {i} and {i + 1} of one trial have the same time {time[i]} s; give "
                         f"each bin its own time, or separate trials with 'trial'")
     restart = same & (step < 0)              # a clock that restarts: a new segment, as a new trial is
-    about = f"{restart.sum() + 1} segments (time restarts at bin {np.argmax(restart) + 1})" if restart.any() else ""
+    first = np.argmax(restart) + 1
+    about = f"{restart.sum() + 1} segments (time restarts at bin {first})" if restart.any() else ""
     trial = np.r_[0, np.cumsum(~same | restart)]                  # trials (segments) 0, 1, ... in order
     labels, task = f.get("labels"), "none"
     if labels is not None:
@@ -263,11 +242,9 @@ def from_arrays(path, f):
         task = "continuous" if continuous else "state"
     return Recording(os.path.basename(path), rates, trial, time, labels, task, bin_s, about)
 
-
 def _time_in_trial(trial):
     start = np.r_[0, np.flatnonzero(np.diff(trial)) + 1]       # first bin of each trial
     return np.arange(len(trial)) - np.repeat(start, np.diff(np.r_[start, len(trial)]))
-
 
 def label_table(folder):
     """The cluster labels of a sorter's folder: {cluster id: label} from the first table found, a curated
@@ -291,7 +268,6 @@ def label_table(folder):
     except (ValueError, IndexError):
         raise DataError(f"{os.path.join(folder, name)}: a row without a whole-number cluster id; give the "
                         f"table Kilosort or Phy wrote") from None
-
 
 def load_phy(folder, bin_s, groups=("good",), sample_rate=0.0):
     """A spike sorter's folder (Kilosort, Phy) binned at `bin_s` s: spike_times.npy in samples, (n,) or
@@ -319,8 +295,8 @@ def load_phy(folder, bin_s, groups=("good",), sample_rate=0.0):
     samples = np.load(path("spike_times.npy"), allow_pickle=False).ravel().astype(np.int64)
     clusters = np.load(path("spike_clusters.npy", "spike_templates.npy"), allow_pickle=False).ravel()
     if len(samples) != len(clusters) or samples.min(initial=0) < 0:
-        raise DataError(f"{folder}: {len(samples)} spike times (samples >= 0) and {len(clusters)} cluster ids; "
-                        f"the files do not belong together")
+        raise DataError(f"{folder}: {len(samples)} spike times (samples >= 0) and {len(clusters)} cluster "
+                        f"ids; the files do not belong together")
     labels, table = label_table(folder)
     if table:
         units = np.array(sorted(c for c, g in labels.items() if g in groups), np.int64)
@@ -330,7 +306,8 @@ def load_phy(folder, bin_s, groups=("good",), sample_rate=0.0):
         units = np.unique(clusters).astype(np.int64)
         about = f"no cluster labels: all {len(units)} clusters"
     if not len(units):
-        raise DataError(f"{folder}: no cluster is labelled {' or '.join(groups)} in {table}; try --units good,mua")
+        raise DataError(f"{folder}: no cluster is labelled {' or '.join(groups)} in {table}; try --units "
+                        f"good,mua")
     unit = np.searchsorted(units, clusters)                      # position of each spike's unit
     mine = (unit < len(units)) & (units[np.minimum(unit, len(units) - 1)] == clusters)
     per_bin = float(rate) * bin_s                                # samples a bin: whole samples are
@@ -347,10 +324,7 @@ def load_phy(folder, bin_s, groups=("good",), sample_rate=0.0):
     return Recording(os.path.basename(os.path.normpath(folder)), rates, np.zeros(T, np.int64),
                      np.arange(T) * bin_s, None, "none", bin_s, about)
 
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic center-out reaching (offline default)
-# ---------------------------------------------------------------------------------------------
+# ==== Synthetic center-out reaching (offline default) ==============================================
 def synthetic_reach(seed=0, n_trials=240, n_neurons=96, bin_s=0.1):
     """Center-out reaches to 8 targets by cosine-tuned Poisson neurons (Georgopoulos et al. 1982):
     rate = baseline + gain * speed(t) * depth * cos(theta_target - theta_preferred). Each trial
@@ -377,7 +351,6 @@ def synthetic_reach(seed=0, n_trials=240, n_neurons=96, bin_s=0.1):
     return Recording("synthetic", np.concatenate(rates).astype(np.float32), np.array(trial),
                      np.concatenate(time), np.array(labels), "reach", bin_s)
 
-
 def synthetic_session(n_bins, n_neurons, seed=0, bin_s=0.01, chunk=1 << 14):
     """A laboratory's session at scale, with known structure: one continuous recording of n_bins bins
     of 10 ms from n_neurons Poisson neurons tuned to a smooth 2-D velocity (sums of slow sinusoids,
@@ -399,7 +372,6 @@ def synthetic_session(n_bins, n_neurons, seed=0, bin_s=0.01, chunk=1 << 14):
     return Recording("synthetic", rates, np.zeros(n_bins, np.int64), t, v.astype(np.float32), "continuous",
                      bin_s)
 
-
 def validate(rec):
     """Refuse non-finite rates or behaviour and labels that are not classes 0, 1, 2, ... (reach: 0..7).
     In chunks of bins: a copy of a large recording would cost more than the recording."""
@@ -416,7 +388,6 @@ def validate(rec):
             raise DataError(f"{rec.name}: label {rec.labels[bad][0]} is out of range; labels must be "
                             f"integer classes 0, 1, 2, ... (reach directions 0..7)")
     return rec
-
 
 def load_recording(name, data_dir="data", data_file=None, seed=0, download=True, size="", bin_s=0.01,
                    units="good", sample_rate=0.0):
@@ -437,16 +408,12 @@ def load_recording(name, data_dir="data", data_file=None, seed=0, download=True,
     raise DataError(f"unknown neural dataset {name!r}; choose synthetic, chewie1, chewie2, mihi1, mouse, npz "
                     f"or phy")
 
-
-
-# ---------------------------------------------------------------------------------------------
-# The splits as training sees them: tensors on the device
-# ---------------------------------------------------------------------------------------------
+# ==== The splits as training sees them: tensors on the device ======================================
 class NeuralSplit:
-    """One split of a recording as tensors on the device, so batches are indexed, not loaded;
-    with what temporal jitter (Appendix J) and the mining mask (Appendix B) need."""
+    """One split of a recording as tensors on the device, so batches are indexed, not loaded; with
+    what temporal jitter (Appendix J), the mining mask (Appendix B) and a window of bins need."""
 
-    def __init__(self, rec, idx, keep, mean, std, jitter_s, min_gap_s, device):
+    def __init__(self, rec, idx, keep, mean, std, jitter_s, min_gap_s, context, device):
         # rec.rates holds the kept neurons only (load_neural drops the silent ones once): a view, no copy
         self.x = torch.as_tensor(rec.rates[rows(idx)], device=device)            # (N, units) Hz
         self.keep = keep                                   # (neurons,) bool: not silent in training
@@ -459,12 +426,23 @@ class NeuralSplit:
                                     device=device)         # (N,) int64, for the mask (microseconds)
         self.jitter_lo = torch.as_tensor(lo, device=device)                  # first sample in window
         self.jitter_n = torch.as_tensor(hi - lo + 1, device=device)          # samples in window
+        start = np.r_[0, np.flatnonzero(np.diff(rec.trial[idx])) + 1]     # each trial's first sample here
+        n = np.diff(np.r_[start, len(idx)])
+        self.first = torch.as_tensor(np.repeat(start, n), device=device)            # (N,) its trial's
+        self.last = torch.as_tensor(np.repeat(start + n - 1, n), device=device)     # first and last sample
+        self.offsets = torch.arange(1 - context, 1, device=device)    # (W,) the bin and those before it
+        self.n_in = context * self.x.shape[1]                     # the encoder's inputs: W bins x units
 
     def __len__(self):
         return len(self.x)
 
-    def inputs(self, idx):                                     # unaugmented, for evaluation
-        return (self.x[idx] - self.mean) / self.std
+    def window(self, idx):
+        """(n, W) the samples each sample's input is made of: its bin and the W - 1 bins before it, in its
+        trial and this split (at their start the first bin repeats). Causal: an embedding can run online."""
+        return torch.minimum(idx[:, None] + self.offsets, self.last[idx, None]).maximum(self.first[idx, None])
+
+    def inputs(self, idx):                                     # unaugmented, for evaluation: (n, W x units)
+        return ((self.x[self.window(idx)] - self.mean) / self.std).flatten(1)
 
     def nearby(self, idx):
         """Temporal jitter (App. D.1, J): for each sample, a sample of the same trial at most
@@ -475,12 +453,10 @@ class NeuralSplit:
     def allowed(self, s, c):                                   # (B, L) mining mask (App. B)
         return mining_mask(self.axis[s], self.axis[c], self.min_gap_s)
 
-
 def rows(idx):
     """A split's sample indices as a slice where they are contiguous, as splits in recording order are:
     indexing then gives a view of the recording, not a copy (a large recording is one copy in memory)."""
     return slice(idx[0], idx[-1] + 1) if len(idx) and idx[-1] - idx[0] + 1 == len(idx) else idx
-
 
 def load_neural(cfg, device, rec=None):
     """The recording (or `rec`, one given as arrays), its [train, val, test] splits, their sample indices,
@@ -489,6 +465,9 @@ def load_neural(cfg, device, rec=None):
     --min-gap-s inf its mask keeps samples of a trial 1/24 of its length apart (App. D.2: 30 min of 12 h)."""
     rec = validate(rec or load_recording(cfg.dataset, cfg.data_dir, cfg.data_file, size=cfg.size,
                                          bin_s=cfg.bin_s, units=cfg.units, sample_rate=cfg.sample_rate))
+    # bins in the encoder's window; the raw floor reads out the bin's own rates (a window of them would
+    # be T x W x N floats: 8 GB at a million bins of 200 neurons, killed for memory here)
+    context = 1 if cfg.method == "raw" else max(1, round(cfg.context_s / rec.bin_s))
     idx = temporal_split(rec.trial)
     seen = np.concatenate(idx[:2]) if cfg.pretrain_on == "train+val" else idx[0]   # labels unused
     gap = cfg.min_gap_s
@@ -503,8 +482,8 @@ def load_neural(cfg, device, rec=None):
     mean, std = torch.as_tensor(rates.mean(0)[keep]), torch.as_tensor(std[keep])
     if not keep.all():
         rec.rates = rec.rates[:, keep]                          # one copy, once; the full one goes
-    splits = [NeuralSplit(rec, i, keep, mean, std, cfg.jitter_s, gap, device) for i in idx]
+    splits = [NeuralSplit(rec, i, keep, mean, std, cfg.jitter_s, gap, context, device) for i in idx]
     pretrain = splits[0]
     if cfg.pretrain_on == "train+val":
-        pretrain = NeuralSplit(rec, seen, keep, mean, std, cfg.jitter_s, gap, device)
+        pretrain = NeuralSplit(rec, seen, keep, mean, std, cfg.jitter_s, gap, context, device)
     return rec, splits, idx, pretrain
