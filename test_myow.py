@@ -230,6 +230,45 @@ def test_positive_pair_is_the_anchor_and_a_bin_at_most_the_window_away():
     assert (counts[torch.arange(5) >= width] == 0).all()
 
 
+def test_a_window_is_the_bin_and_those_before_it_in_its_trial_and_split_sample_by_sample():
+    """--context-s: x is a sample's bin and the W - 1 bins before it, never another trial's, another
+    split's or a later bin; at a trial's or split's start the first bin repeats. Read against a brute
+    force over every sample of every split of a recording with trials and one split in time."""
+    for trial in (np.repeat(np.arange(60), 7), np.zeros(500, np.int64)):       # trials; one recording
+        T = len(trial)
+        rec = nd.Recording("toy", np.arange(T, dtype=np.float32)[:, None] * [1, -1], trial, np.arange(T) * 0.01,
+                           None, "none", 0.01)
+        cfg = myow.Config(dataset="npz")
+        rec_idx = nd.temporal_split(trial)
+        for idx in rec_idx:
+            split = nd.NeuralSplit(rec, idx, np.ones(2, bool), torch.zeros(2), torch.ones(2), 0.02, math.inf,
+                                   5, torch.device("cpu"))
+            got = split.window(torch.arange(len(idx)))                       # (n, 5) positions in the split
+            for a in range(len(idx)):
+                mine = [b for b in range(len(idx)) if trial[idx[b]] == trial[idx[a]] and a - 4 <= b <= a]
+                want = [max(a + o, mine[0]) for o in range(-4, 1)]
+                assert got[a].tolist() == want, (a, got[a], want)
+            x = split.inputs(torch.arange(len(idx))).view(len(idx), 5, 2)    # the rates of those bins
+            assert torch.equal(x[:, :, 0], torch.as_tensor(idx, dtype=torch.float32)[got])
+        assert cfg.context_s == 0.1 and round(cfg.context_s / rec.bin_s) == 10      # the default: 10 of 10 ms
+
+
+def test_augmentations_of_a_window_drop_and_pepper_neurons_in_all_its_bins_and_noise_each_bin():
+    rec = nd.Recording("toy", np.full((400, 300), 10.0, np.float32), np.zeros(400, np.int64), np.arange(400) * 0.01,
+                       None, "none", 0.01)
+    split = nd.NeuralSplit(rec, np.arange(400), np.ones(300, bool), torch.zeros(300), torch.ones(300), 0.2,
+                           math.inf, 4, torch.device("cpu"))
+    torch.manual_seed(0)
+    idx = torch.arange(10, 400)
+    for flags in (dict(noise_p=0.0, pepper_p=0.0), dict(noise_p=0.0, dropout_max=0.0)):   # dropout; pepper
+        x = myow.augment_neural(split, idx, myow.Config(**flags)).view(len(idx), 4, 300) - 10   # (n, W, N)
+        changed = x != 0
+        assert 0.02 < changed.float().mean() < 0.3, flags
+        assert torch.equal(changed.all(1), changed.any(1)), flags             # a neuron in all bins or none
+    x = myow.augment_neural(split, idx, myow.Config(pepper_p=0.0, dropout_max=0.0, noise_p=1.0)).view(-1, 4, 300)
+    assert (x[:, 1:] != x[:, :1]).float().mean() > 0.99                      # noise: each bin its own
+
+
 # --- schedules --------------------------------------------------------------------------------
 def test_schedule_end_points():
     assert myow.tau_at(0, 1000, 0.98) == pytest.approx(0.98)
@@ -376,6 +415,14 @@ def test_mouse_loads_with_documented_shapes():
     assert rec.rates.shape == (10800, 42)
     assert np.bincount(rec.labels).tolist() == [3832, 6206, 762]
     assert rec.time[-1] == 4 * 10799
+
+
+def test_an_npz_without_bin_s_takes_the_step_of_its_time_stamps(tmp_path):
+    rates = np.ones((50, 3), np.float32)
+    np.savez(tmp_path / "a.npz", firing_rates=rates, time=np.r_[np.arange(25), np.arange(25)] * 0.01)
+    np.savez(tmp_path / "b.npz", firing_rates=rates, trial=np.zeros(50), bin_s=0.1)
+    assert nd.load_npz(str(tmp_path / "a.npz")).bin_s == pytest.approx(0.01)   # the restart is not a step
+    assert nd.load_npz(str(tmp_path / "b.npz")).bin_s == 0.1
 
 
 def test_npz_recording_round_trip(tmp_path):
@@ -1148,6 +1195,40 @@ def read_out_features(monkeypatch):
     seen, evaluate = {}, myow.linear_eval
     monkeypatch.setattr(myow, "linear_eval", lambda feats, *a: seen.setdefault("feats", feats) and evaluate(feats, *a))
     return seen
+
+
+def test_a_10_ms_runs_encoder_pt_embeds_each_bin_with_the_bins_before_it(tmp_path, monkeypatch):
+    """With a window (10 bins of 10 ms), encoder.pt gives every bin the y the run read out, but for the
+    first 9 bins of validation and test, whose windows in the run repeat their split's first bin: given
+    those splits alone, it gives exactly the run's y there too."""
+    seen = read_out_features(monkeypatch)
+    myow.run(myow.parse_config(["--size", "3000,20", "--steps", "20", "--out", str(tmp_path), "--device", "cpu"]))
+    rates = nd.synthetic_session(3000, 20).rates
+    f = myow.load_encoder(tmp_path / "encoder.pt")
+    idx = nd.temporal_split(np.zeros(3000))
+    whole = f(rates)
+    for i, (part, y) in enumerate(zip(idx, seen["feats"][:3])):
+        inner = slice(9 * (i > 0), None)                                   # all but the first 9 of val, test
+        torch.testing.assert_close(whole[part][inner], y[inner], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(f(rates[part]), y, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(whole[idx[1]][:9], seen["feats"][1][:9], atol=1e-3)   # the edge rule matters
+
+
+def test_cpu_threads_are_one_for_the_mlp_and_torchs_default_for_images_unless_set(monkeypatch):
+    """Beside other work two threads took the MLP 2-2.4 x as long (README): one thread by default; image
+    encoders keep torch's default; OMP_NUM_THREADS or --threads wins."""
+    default = torch.get_num_threads()
+    try:
+        for env, argv, want in ((None, [], 1), (None, ["--dataset", "dsprites"], default), ("2", [], None),
+                                (None, ["--threads", "2"], 2), ("1", ["--threads", "3"], 3)):
+            torch.set_num_threads(default)
+            monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+            if env:
+                monkeypatch.setenv("OMP_NUM_THREADS", env)
+            myow.setup_distributed(myow.parse_config(argv + ["--device", "cpu"]))
+            assert torch.get_num_threads() == (default if want is None else want), (env, argv)
+    finally:
+        torch.set_num_threads(default)
 
 
 @pytest.mark.parametrize("method", ["myow", "supervised"])
