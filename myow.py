@@ -118,7 +118,7 @@ class Config:
                     "scale); empty: 240 reaches", "'T,N', integers T >= 100 and N >= 1, or empty")
     train_fraction: float = arg(0.3, "dsprites: r, the share of kept images trained on (App. I)", "in (0, 1)")
     pretrain_on: str = arg("train+val", "what training sees (labels unused)", ("train+val", "train"))
-    # -- run (what only the command line needs is Run's, below the banner) --
+    # -- run (what only the command line needs: Run, below the banner) --
     seed: int = arg(0, "seed of initialisation, batches, augmentations and mining", "an integer in [0, 2^63)")
     compile: bool = arg(False, "torch.compile the online and target networks and the views", FREE)
     precision: str = arg("auto", "auto: bf16 autocast on CUDA for image encoders, fp32 for the MLP (README)",
@@ -132,7 +132,7 @@ class Config:
         for k, v in {**default, **{k: v for k, v in preset.items() if k in default}, **given}.items():
             setattr(self, k, v)
 
-# Per-dataset defaults in one table; a setting given always wins.
+# Per-dataset defaults in one table (run settings too: Run's, below the banner); a setting given wins.
 NEURAL_STEPS = 20000      # a neural run's steps without --steps (README: scale; App. D's Mouse-CA1: 16,000)
 MONKEY = {}                                     # Appendix D.1 = Config defaults (README "Departures")
 IMAGES = dict(optimizer="sgd", lr=0.03, weight_decay=5e-4, warmup_epochs=10, tau=0.996, epochs=800,
@@ -151,6 +151,7 @@ PRESETS = {
     "dsprites": dict(SMALL, epochs=12),             # App. I at r = 0.3; README: epochs x 0.3 / r
     "fashion-mnist": dict(SMALL, image_size=28, epochs=10),
 }
+
 # ==== Augmentations: t ~ T for neural activity (Appendix D.1, J) and images (Appendix C) ============
 def augment(data, idx, cfg, t_m=False):
     """One view per index: t ~ T, or t_m ~ T_m with t_m=True (neural data: T_m = T, App. D.1)."""
@@ -449,8 +450,8 @@ def myow_step(cfg, data, online, target, s_all, c_all, lam, views=augment):
     mining = cfg.method == "myow"
     fresh = mining and cfg.pool == "fresh"          # else the candidates are the batch's views x'
     new_anchor = mining and cfg.anchor_view == "new"   # else x is the anchor x_m (T_m = T)
-    # x = t(s), x' = t'(s'), t, t' ~ T; neural: x is the anchor's own bin and s' one of the same trial
-    # at most --jitter-s away (temporal jitter, App. D.1); images: s' = s
+    # x = t(s), x' = t'(s'), t, t' ~ T; neural: x is the anchor's own bin (with its window) and s' a bin
+    # of the same trial at most --jitter-s away (temporal jitter, App. D.1); images: s' = s
     x, x2 = views(data, torch.cat([s, data.nearby(s)]), cfg).split(b)
     # T_m views in one call: x_m = t_m(s) (Alg. 1) and x_c = t_m(c) (fresh candidates, App. B)
     wanted = [s] * new_anchor + [c] * fresh

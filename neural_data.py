@@ -1,9 +1,10 @@
 """Neural recordings for MYOW: binning, temporal splits, mining masks, the published data sets.
 
 Every recording becomes a `Recording`: firing rates (T, N) in Hz, plus for each bin the trial it
-belongs to and its time in seconds. Those two arrays are all that temporal jitter (Appendix J) and
-the mining mask (Appendix B) need, so reach trials and a continuous 12 h sleep recording are
-handled by the same code: a continuous recording is one long trial.
+belongs to and its time in seconds. Those two arrays are all that temporal jitter (Appendix J),
+the mining mask (Appendix B) and a window of bins need, so reach trials and a continuous 12 h sleep
+recording are handled by the same code: a continuous recording is one long trial, and a clock that
+restarts within it begins another (a segment). Spike sorters' folders are read as they are found.
 
 Published files (Azabou et al. 2021, data of nerdslab/myow-neuro) are downloaded on demand into
 `data_dir` and checked against their SHA-256. The reach pickles were written with torch_geometric;
