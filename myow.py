@@ -759,7 +759,7 @@ def load_images(cfg, device):
     else:
         cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
                "mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
-        first = not dist.is_initialized() or dist.get_rank() == 0
+        first = rank_world()[0] == 0
         if not first:
             dist.barrier()              # under torchrun rank 0 downloads and extracts alone, then all read
         try:
@@ -1110,7 +1110,9 @@ def train_logged(cfg, data, device, state=None):
     with stop_on_signals(signalled):
         return train(cfg, data, device, after_epoch, resume if state else None), book["log"][-1]
 
-RUN_FIELDS = {"out", "resume", "overwrite", "device", "log_every", "ckpt_every", "data_dir"}
+# what a resume may change: Run's own settings (device, threads, files, logging) and where the data are
+RUN_FIELDS = {f.name for f in dataclasses.fields(Run)} - {f.name for f in dataclasses.fields(Config)}
+RUN_FIELDS.add("data_dir")
 
 def rng_states(index_gen):                      # every generator, for every rank (each has its own stream)
     states = {"torch": torch.get_rng_state(), "index": index_gen.get_state(),

@@ -218,13 +218,15 @@ def from_arrays(path, f):
         raise DataError(f"firing_rates in {path} has shape {rates.shape}; expected (T, N)")
     T = len(rates)
     trial = np.asarray(f.get("trial", np.zeros(T)), np.int64)
-    steps = np.diff(np.asarray(f.get("time", [0.0]), np.float64))
-    bin_s = float(f.get("bin_s", np.median(steps[steps > 0]) if (steps > 0).any() else 1.0))   # else time's
-    time = np.asarray(f["time"], np.float64) if "time" in f else _time_in_trial(trial) * bin_s
+    bin_s = float(f.get("bin_s", 1.0))
+    time = (np.asarray(f["time"], np.float64) if "time" in f
+            else (np.arange(T) - trial_bounds(trial)[0]) * bin_s)       # bins since the trial's start
     for k, v in (("trial", trial), ("time", time)):
         if v.shape != (T,):
             raise DataError(f"{k} in {path} has shape {v.shape}; expected ({T},) like firing_rates")
     same, step = np.diff(trial) == 0, np.diff(time)
+    if "bin_s" not in f and (step > 0).any():
+        bin_s = float(np.median(step[step > 0]))                 # the time stamps' step
     if (same & (step == 0)).any():
         i = np.flatnonzero(same & (step == 0))[0]
         raise DataError(f"{path}: bins {i} and {i + 1} of one trial have the same time {time[i]} s; give "
@@ -243,9 +245,11 @@ def from_arrays(path, f):
         task = "continuous" if continuous else "state"
     return Recording(os.path.basename(path), rates, trial, time, labels, task, bin_s, about)
 
-def _time_in_trial(trial):
+def trial_bounds(trial):
+    """Each sample's first and last sample of its trial (trials contiguous)."""
     start = np.r_[0, np.flatnonzero(np.diff(trial)) + 1]       # first bin of each trial
-    return np.arange(len(trial)) - np.repeat(start, np.diff(np.r_[start, len(trial)]))
+    n = np.diff(np.r_[start, len(trial)])
+    return np.repeat(start, n), np.repeat(start + n - 1, n)
 
 def label_table(folder):
     """The cluster labels of a sorter's folder: {cluster id: label} from the first table found, a curated
@@ -427,10 +431,8 @@ class NeuralSplit:
                                     device=device)         # (N,) int64, for the mask (microseconds)
         self.jitter_lo = torch.as_tensor(lo, device=device)                  # first sample in window
         self.jitter_n = torch.as_tensor(hi - lo + 1, device=device)          # samples in window
-        start = np.r_[0, np.flatnonzero(np.diff(rec.trial[idx])) + 1]     # each trial's first sample here
-        n = np.diff(np.r_[start, len(idx)])
-        self.first = torch.as_tensor(np.repeat(start, n), device=device)            # (N,) its trial's
-        self.last = torch.as_tensor(np.repeat(start + n - 1, n), device=device)     # first and last sample
+        first, last = trial_bounds(rec.trial[idx])                    # in this split: its trial's bounds
+        self.first, self.last = torch.as_tensor(first, device=device), torch.as_tensor(last, device=device)
         self.offsets = torch.arange(1 - context, 1, device=device)    # (W,) the bin and those before it
         self.n_in = context * self.x.shape[1]                     # the encoder's inputs: W bins x units
 

@@ -1043,6 +1043,8 @@ def test_existing_out_is_never_overwritten_silently(tmp_path):
 
 def test_bad_checkpoints_are_refused_clearly(tmp_path):
     assert run_cli("--epochs", "2", "--out", str(tmp_path)).returncode == 0
+    p = run_cli("--epochs", "2", "--out", str(tmp_path), "--resume", "--threads", "2", "--log-every", "1")
+    assert p.returncode == 0, p.stderr                          # run settings may change on a resume
     p = run_cli("--epochs", "2", "--out", str(tmp_path), "--resume", "--lr", "0.5")
     assert p.returncode != 0 and "--lr 0.02" in p.stderr and "Traceback" not in p.stderr
     ck = tmp_path / "checkpoint.pt"
