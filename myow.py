@@ -678,7 +678,6 @@ class Run(Config):
     resume: bool = arg(False, "continue the run in --out from its checkpoint", FREE)
     overwrite: bool = arg(False, "replace the run already in --out", FREE)
     ckpt_every: int = arg(100, "write --out/checkpoint.pt every this many epochs, and at the end", INT1)
-    log_every: int = arg(0, "print progress every this many epochs (0: about 20 lines a run)", INT0)
 
 # ==== Data: images as one uint8 tensor on the device (neural recordings: neural_data.py) ===========
 def image_inputs(x, mean, std, size):
@@ -850,7 +849,7 @@ def train_supervised(cfg, splits, device):
                 model.train()
             if score > best:
                 best, best_f = score, copy.deepcopy(f.state_dict())
-        if (epoch + 1) % (cfg.log_every or max(1, epochs // 20)) == 0:
+        if epoch == 0 or (epoch + 1) % max(1, epochs // 20) == 0:
             print(f"epoch {epoch + 1:4d}/{epochs} | supervised loss {loss.item():.4f} | lr {group['lr']:.2e}"
                   + (f" | best validation {best:.2f}" if val is not None else ""), flush=True)
     if best_f is not None:
@@ -1083,20 +1082,17 @@ def train_logged(cfg, data, device, state=None):
             raise FloatingPointError(f"non-finite loss in epoch {epoch + 1} (mean loss {loss:.4g}: augmented-"
                                      f"view loss {loss_aug:.4g}, mined-view loss {loss_mined:.4g}, lambda "
                                      f"{record['lam']:.4g}); lower --lr. The last good checkpoint is kept.")
+        same_label = 100 * same[0].item() / max(1, same[1].item()) if mining and data.classes else None
         rec = {"epoch": epoch + 1, "loss": loss, "loss_aug": loss_aug,
                "loss_mined": loss_mined if mining else None, "lr": record["lr"], "tau": record["tau"],
-               "lambda": record["lam"], "mining_class_acc": None}
-        if mining and data.classes:
-            rec["mining_class_acc"] = 100 * same[0].item() / max(1, same[1].item())
+               "lambda": record["lam"], "mining_class_acc": same_label}
         book["log"].append(rec)
-        if rank == 0 and ((epoch + 1) % (cfg.log_every or max(1, epochs // 20)) == 0 or epoch + 1 == epochs):
-            done, elapsed = epoch + 1 - book["start"], time.time() - book["t0"]
-            part = f" mined {loss_mined:.3f}" if mining else ""
-            part += f" | class-acc {rec['mining_class_acc']:.1f}%" if mining and data.classes else ""
-            part += f") | lr {rec['lr']:.2e} tau {rec['tau']:.4f} lambda {rec['lambda']:.2f} | "
-            print(f"epoch {epoch + 1:4d}/{epochs} | loss {loss:.3f} (aug {loss_aug:.3f}{part}"
-                  f"{done * record['steps'] * cfg.batch_size / elapsed:,.0f} samples/s | "
-                  f"ETA {elapsed / done * (epochs - epoch - 1):.0f}s", flush=True)
+        done, took = epoch + 1 - book["start"], time.time() - book["t0"]           # this run's epochs
+        if rank == 0 and (done == 1 or (epoch + 1) % max(1, epochs // 20) == 0 or epoch + 1 == epochs):
+            values = " | ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "epoch" and v is not None)
+            rate = done * record["steps"] * cfg.batch_size / took
+            print(f"epoch {epoch + 1:4d}/{epochs} | {values} | {rate:,.0f} samples/s | "
+                  f"ETA {took / done * (epochs - epoch - 1):.0f}s", flush=True)
         if cfg.out and (stop or (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == epochs):
             ckpt = {"model": model.state_dict(), "target": target.state_dict(), "opt": opt.state_dict(),
                     "epoch": epoch + 1, "log": book["log"], "rng": rng_states(index_gen),
@@ -1110,7 +1106,7 @@ def train_logged(cfg, data, device, state=None):
     with stop_on_signals(signalled):
         return train(cfg, data, device, after_epoch, resume if state else None), book["log"][-1]
 
-# what a resume may change: Run's own settings (device, threads, files, logging) and where the data are
+# what a resume may change: Run's own settings (device, threads, files) and where the data are
 RUN_FIELDS = {f.name for f in dataclasses.fields(Run)} - {f.name for f in dataclasses.fields(Config)}
 RUN_FIELDS.add("data_dir")
 
@@ -1284,21 +1280,6 @@ def prepare_out(cfg, rank):
         write_atomic(os.path.join(cfg.out, "config.json"), config.encode())
     return state, lock
 
-def seconds_per_step(cfg, data, device):
-    """One step's time on a throwaway setup (train seeds its random streams: no result changes); None
-    where that would cost a compile or a collective."""
-    if cfg.compile or dist.is_initialized() or cfg.method not in ("myow", "byol"):
-        return None
-    _, online, target, _ = setup_training(cfg, data, device)
-    s, c = (torch.arange(n, device=device) % len(data) for n in (cfg.batch_size, pool_size(cfg)))
-    for n in (1, 5):                           # the first step pays one-off costs; then the mean of 5
-        t = time.time()
-        for _ in range(n):
-            myow_step(cfg, data, online, target, s, c, 1.0)[0].backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return (time.time() - t) / 5
-
 def run(cfg, rec=None):
     """Data, checks, --out, the first line, training, the readout, the files, the JSON line (rec: from
     fit). Returns the results and encoder.pt's contents (rank 0; other ranks None)."""
@@ -1323,8 +1304,6 @@ def run(cfg, rec=None):
         trained_on = splits[0] if cfg.method == "supervised" else pretrain
         per_epoch, epochs, steps = schedule(cfg, len(trained_on))[:3]
         plan = f"; {steps:,} steps ({epochs:,} epochs of {per_epoch:,})" if cfg.method != "raw" else ""
-        t = (seconds_per_step(cfg, pretrain, device) or 0) * steps   # said first: a long run can be stopped
-        plan += f", about {t / 60:.1f} min" if t > 120 else f", about {t:.0f} s" if t else ""
         cpu = f" ({torch.get_num_threads()} CPU thread(s))" if device.type == "cpu" else ""
         if rank == 0:
             print(f"{cfg.dataset}: {about}, splits {[len(s) for s in splits if s]}, {cfg.method} on "

@@ -169,6 +169,8 @@ def test_the_method_above_the_banner_runs_alone_and_gives_the_accuracy_of_the_co
                           cwd=tmp_path, env=env)
     assert full.returncode == 0, full.stderr
     assert float(alone.stdout.split()[-1]) == json.loads(full.stdout.splitlines()[-1])["test_acc"]
+    epoch_1 = full.stdout.splitlines()[1]               # the first epoch is printed: its ETA is the time
+    assert epoch_1.startswith("epoch    1/300 | loss ") and re.search(r"\| ETA \d+s$", epoch_1), epoch_1
 
 
 # --- augmentations (Appendix D.1, J) ----------------------------------------------------------
@@ -765,7 +767,7 @@ def test_download_under_torchrun_is_rank_0_first(tmp_path):
 
 # --- checkpoints and resume -------------------------------------------------------------------
 METRICS = ("test_acc", "test_delta_acc", "val_acc", "mining_class_acc")
-FAST = ("--epochs", "30", "--warmup-epochs", "3", "--ckpt-every", "5", "--log-every", "1")
+FAST = ("--epochs", "30", "--warmup-epochs", "3", "--ckpt-every", "5")          # every epoch printed
 
 
 @pytest.fixture(scope="module")
@@ -841,11 +843,11 @@ def test_sigterm_under_torchrun_stops_every_rank_and_the_printed_command_resumes
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-@pytest.mark.parametrize("moment", ["seconds_per_step", "representations"])
+@pytest.mark.parametrize("moment", ["train_logged", "representations"])
 def test_a_signal_outside_training_is_one_line_and_the_printed_command_finishes(moment, sig, tmp_path, monkeypatch,
                                                                                 capsys, uninterrupted):
-    """Outside training too (after config.json is written and before training, when the first line's
-    estimate is measured; in the final readout): status 128 + the signal, one line saying what was kept
+    """Outside training too (after config.json is written and before training starts; in the final
+    readout): status 128 + the signal, one line saying what was kept
     and the command that goes on, and that command ends with the metrics of an uninterrupted run."""
     real = getattr(myow, moment)
 
@@ -1043,7 +1045,7 @@ def test_existing_out_is_never_overwritten_silently(tmp_path):
 
 def test_bad_checkpoints_are_refused_clearly(tmp_path):
     assert run_cli("--epochs", "2", "--out", str(tmp_path)).returncode == 0
-    p = run_cli("--epochs", "2", "--out", str(tmp_path), "--resume", "--threads", "2", "--log-every", "1")
+    p = run_cli("--epochs", "2", "--out", str(tmp_path), "--resume", "--threads", "2", "--ckpt-every", "1")
     assert p.returncode == 0, p.stderr                          # run settings may change on a resume
     p = run_cli("--epochs", "2", "--out", str(tmp_path), "--resume", "--lr", "0.5")
     assert p.returncode != 0 and "--lr 0.02" in p.stderr and "Traceback" not in p.stderr
@@ -1122,7 +1124,7 @@ def test_bad_settings_are_refused_before_work_in_one_line(tmp_path, capsys):
              (["--eval-wd-exponents", "x"], "--eval-wd-exponents 'x'"), (["--eval-milestones", "a"], "'a'"),
              (["--lr", "-1"], "--lr -1.0", "> 0"), (["--tau", "1.5"], "--tau 1.5", "[0, 1]"),
              (["--noise-std", "-1"], "--noise-std -1.0"), (["--mining-ramp-epochs", "-5"], "-5"),
-             (["--log-every", "-1"], "--log-every -1"), (["--eval-epochs", "0"], "--eval-epochs 0"),
+             (["--warmup-epochs", "-1"], "--warmup-epochs -1"), (["--eval-epochs", "0"], "--eval-epochs 0"),
              (["--batch-size", "1"], "--batch-size 1", ">= 2"), (["--k", "0"], "--k 0", ">= 1"),
              (["--epochs", "abc"], "--epochs", "invalid int value: 'abc'"), (["--method", "simclr"], "'simclr'"),
              (["--dataset", "cifar10", "--arch", "mlp"], "--arch 'mlp'", "resnet18"),
