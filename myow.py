@@ -183,8 +183,7 @@ def crop_flip_params(n, area, flip_p, device):
     sw, sh = (a * ratio).sqrt(), (a / ratio).sqrt()               # crop sides, fractions of the image
     fits = (sw <= 1) & (sh <= 1)
     first = fits.float().argmax(1, keepdim=True)
-    sw = torch.where(fits.any(1), sw.gather(1, first)[:, 0], 1.0)
-    sh = torch.where(fits.any(1), sh.gather(1, first)[:, 0], 1.0)
+    sw, sh = (torch.where(fits.any(1), side.gather(1, first)[:, 0], 1.0) for side in (sw, sh))
     cx, cy = (torch.rand(2, n, device=device) * 2 - 1) * (1 - torch.stack([sw, sh]))   # crop centres
     sx = sw * torch.where(torch.rand(n, device=device) < flip_p, -1.0, 1.0)
     zero = torch.zeros_like(sw)
@@ -533,14 +532,11 @@ def angle_error(pred, labels):
     return diff.abs()
 
 def weighted_f1(pred, labels, n_classes):
-    """Per-class F1 weighted by class support (sklearn's 'weighted'); pred (S, n) -> (S,)."""
-    f1 = 0
-    for c in range(n_classes):
-        tp = ((pred == c) & (labels == c)).sum(-1).float()
-        fp = ((pred == c) & (labels != c)).sum(-1).float()
-        fn = ((pred != c) & (labels == c)).sum(-1).float()
-        f1 = f1 + (labels == c).float().mean() * 2 * tp / (2 * tp + fp + fn).clamp(min=1)
-    return f1
+    """Per-class F1 = 2 TP / (predicted + actual), weighted by class support (sklearn's 'weighted');
+    pred (S, n) -> (S,)."""
+    p, t = F.one_hot(pred, n_classes).float(), F.one_hot(labels, n_classes).float()   # (S, n, C), (n, C)
+    f1 = 2 * (p * t).sum(-2) / (p.sum(-2) + t.sum(0)).clamp(min=1)                    # (S, C)
+    return f1 @ t.mean(0)                                                             # (S,)
 
 def decoding_loss(out, labels, task):
     """Reach: MSE to (cos, sin) of the direction (App. D.1); a continuous behaviour: MSE; classes:
