@@ -798,19 +798,17 @@ def torchvision_sets(cls, root, download):
     return [cls(root, train=part) for part in (True, False)]
 
 def load_tiny_imagenet(base):
-    """The standard tiny-imagenet-200 layout: train/<wnid>/images/*.JPEG, val/images + val_annotations.txt."""
+    """tiny-imagenet-200 as unpacked: train/<wnid>/images/*.JPEG; val/images and val_annotations.txt."""
     import torchvision
     if not os.path.isdir(os.path.join(base, "train")):
         raise neural_data.DataError(f"{base}/train not found; unpack tiny-imagenet-200.zip into --data-dir")
-    wnids = sorted(os.listdir(os.path.join(base, "train")))
-    read = lambda p: torchvision.io.decode_image(p, mode=torchvision.io.ImageReadMode.RGB)
-    train = [(os.path.join(base, "train", w, "images", f), i) for i, w in enumerate(wnids)
-             for f in sorted(os.listdir(os.path.join(base, "train", w, "images")))]
+    train = torchvision.datasets.ImageFolder(os.path.join(base, "train"))      # classes: sorted wnids
     with open(os.path.join(base, "val", "val_annotations.txt")) as fh:
-        val = [(os.path.join(base, "val", "images", name), wnids.index(wnid))
+        val = [(os.path.join(base, "val", "images", name), train.class_to_idx[wnid])
                for name, wnid, *_ in (line.split("\t") for line in fh)]
+    read = lambda p: torchvision.io.decode_image(p, mode=torchvision.io.ImageReadMode.RGB)
     return [(torch.stack([read(p) for p, _ in files]), torch.tensor([c for _, c in files]))
-            for files in (train, val)]
+            for files in (train.samples, val)]
 
 # ==== Baselines: the supervised encoder (sec. 3.3); the raw inputs are read out in run ==============
 def train_supervised(cfg, splits, device):
