@@ -651,6 +651,7 @@ import fcntl
 import io
 import json
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -762,10 +763,9 @@ def load_images(cfg, device):
         finally:
             if first and dist.is_initialized():
                 dist.barrier()
-        parts = []
-        for ds in sets:
-            x = torch.as_tensor(np.asarray(ds.data))
-            parts.append((x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2), torch.as_tensor(ds.targets)))
+        xs = [torch.as_tensor(np.asarray(ds.data)) for ds in sets]     # (N, H, W) or (N, H, W, C)
+        parts = [(x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2), torch.as_tensor(ds.targets))
+                 for x, ds in zip(xs, sets)]
     train = parts[0][0].float() / 255
     mean, std = train.mean((0, 2, 3)), train.std((0, 2, 3))     # per channel, training images
     coarse = torch.tensor(CIFAR20, device=device) if name == "cifar100" else None
@@ -948,8 +948,7 @@ def check_fields(cfg, arrays=False):
         try:                        # made and removed, not os.access: root passes that even in /proc
             os.rmdir(tempfile.mkdtemp(dir=out))
         except OSError as e:
-            raise ConfigError(f"--out {cfg.out}: cannot write in {out} ({e.strerror}); give a writable "
-                              f"folder") from None
+            raise ConfigError(f"--out {cfg.out}: {out} is not writable ({e.strerror}); use another") from None
     if not os.path.isdir(data_dir):
         raise ConfigError(f"--data-dir {cfg.data_dir}: {data_dir} is a file; give the folder that holds "
                           f"the data (or will, with --download)")
@@ -960,8 +959,7 @@ def check_fields(cfg, arrays=False):
         raise ConfigError(f"--data-file {cfg.data_file!r}: --dataset npz needs an existing .npz file "
                           f"(README: your own recording)")
     if cfg.dataset == "phy" and not os.path.isdir(cfg.data_file):
-        raise ConfigError(f"--data-file {cfg.data_file!r}: --dataset phy needs the folder that Kilosort or "
-                          f"Phy wrote")
+        raise ConfigError(f"--data-file {cfg.data_file!r}: --dataset phy needs a Kilosort or Phy folder")
     if cfg.size and cfg.dataset != "synthetic":
         raise ConfigError(f"--size {cfg.size!r}: only --dataset synthetic takes a size")
 
@@ -1127,12 +1125,9 @@ def write_atomic(path, data):
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
-            raise cannot_write(path, e) from None
+            raise RunError(f"could not write {path}: {e.strerror or e}; the files already there are kept "
+                           f"(free space or fix the folder, then continue with --resume)") from None
         raise
-
-def cannot_write(path, e):
-    return RunError(f"could not write {path}: {e.strerror or e}; the files already there are kept "
-                    f"(free space or fix the folder, then continue with --resume)")
 
 def save_checkpoint(path, state):
     buffer = io.BytesIO()            # serialised first: a failing disk then fails in write_atomic
@@ -1281,12 +1276,7 @@ def run(cfg, rec=None):
     rank, world, device = setup_distributed(cfg)
     if cfg.dataset in NEURAL:
         rec, splits, _, pretrain = neural_data.load_neural(cfg, device, rec)
-        about = f"{len(rec.rates)} bins x {splits[0].x.shape[1]} neurons"
-        about += f", {rec.about}" if rec.about else ""
-        if len(pretrain.offsets) > 1:
-            about += f", x: the bin and {len(pretrain.offsets) - 1} before it (--context-s {cfg.context_s})"
-        if pretrain.min_gap_s != cfg.min_gap_s:    # a recording split in time: 1/24 of it (neural_data)
-            about += f", split in time: mined views >= {pretrain.min_gap_s:.4g} s away (--min-gap-s)"
+        about = neural_data.describe(rec, pretrain, cfg)
     else:
         splits = load_images(cfg, device)
         splits.insert(1, None)                                   # public train/test split, no validation
@@ -1326,7 +1316,8 @@ def run(cfg, rec=None):
                   **metrics, "mining_class_acc": last["mining_class_acc"],
                   "world_size": world, "train_seconds": round(train_seconds, 2), "eval_seconds":
                   round(time.time() - t0, 2), "total_seconds": round(time.time() - t_start, 2),
-                  "steps": steps * trained, "peak_host_mb": round(peak_host_mb())}
+                  "steps": steps * trained,     # the largest resident memory so far (Linux: in KiB)
+                  "peak_host_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10)}
         if device.type == "cuda":
             result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)
         saved = encoder_state(f, cfg, pretrain) if trained else None        # raw has no encoder to keep
@@ -1338,10 +1329,6 @@ def run(cfg, rec=None):
         if world > 1:
             dist.barrier()
         return result, saved
-
-def peak_host_mb():                                   # the largest resident memory so far (Linux: KiB)
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
 
 def stop_line(e, cfg, argv):
     """What a signal left: the checkpoint and the command that continues, or nothing and the same one."""

@@ -461,6 +461,15 @@ def rows(idx):
     indexing then gives a view of the recording, not a copy (a large recording is one copy in memory)."""
     return slice(idx[0], idx[-1] + 1) if len(idx) and idx[-1] - idx[0] + 1 == len(idx) else idx
 
+def describe(rec, split, cfg):
+    """What the first line of a run says of a recording as `split` (training's) sees it: its size, what
+    the recording said of itself, the window of bins, the gap of a recording split in time."""
+    W, gap = len(split.offsets), split.min_gap_s
+    about = [f"{len(rec.rates)} bins x {split.x.shape[1]} neurons", rec.about,
+             f"x: the bin and {W - 1} before it (--context-s {cfg.context_s})" if W > 1 else "",
+             f"split in time: mined views >= {gap:.4g} s away (--min-gap-s)" if gap != cfg.min_gap_s else ""]
+    return ", ".join(a for a in about if a)
+
 def load_neural(cfg, device, rec=None):
     """The recording (or `rec`, one given as arrays), its [train, val, test] splits, their sample indices,
     and the split that self-supervised training sees (train, or train + val without labels: --pretrain-on).
