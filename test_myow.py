@@ -32,6 +32,21 @@ def run_cli(*args, timeout=240):
     return p
 
 
+def cli(capsys, *args):
+    """The command line's main in this process (no interpreter and torch to start, about 2 s a call): its
+    exit status and output as run_cli gives them; the thread count is put back as it was."""
+    threads = torch.get_num_threads()
+    try:
+        myow.main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
 # --- the loss, eq. (1) -------------------------------------------------------------------------
 def test_loss_is_negative_cosine_similarity():
     g = torch.Generator().manual_seed(0)
@@ -447,7 +462,7 @@ def write_phy(folder, samples, clusters, groups, params, table="cluster_group.ts
     (folder / "params.py").write_text(params)
 
 
-def test_a_phy_folder_bins_to_exactly_the_spikes_of_its_units(tmp_path):
+def test_a_phy_folder_bins_to_exactly_the_spikes_of_its_units(tmp_path, capsys):
     """Kilosort / Phy output in, counts out: every spike of a good unit in its 10 ms bin, by brute force
     on integer samples (30 kHz: 300 a bin), spikes on the edges included; mua only when asked; params.py
     read as data, never run."""
@@ -473,7 +488,7 @@ def test_a_phy_folder_bins_to_exactly_the_spikes_of_its_units(tmp_path):
     (tmp_path / "ks" / "params.py").write_text("sample_rate = __import__('os').getpid()\n")
     with pytest.raises(nd.DataError, match="--sample-rate HZ"):
         nd.load_phy(str(tmp_path / "ks"), 0.01)
-    p = run_cli("--dataset", "phy", "--data-file", str(tmp_path / "ks2"), "--units", "good,mua", "--steps", "3")
+    p = cli(capsys, "--dataset", "phy", "--data-file", str(tmp_path / "ks2"), "--units", "good,mua", "--steps", "3")
     assert p.returncode == 0 and "10001 bins x 3 neurons, cluster_KSLabel.tsv: 2 good + 1 mua units" in p.stdout
 
 
@@ -497,7 +512,7 @@ def binned(samples, clusters, units, per_bin):
     return counts
 
 
-def test_sorter_folders_as_they_are_found_bin_exactly(tmp_path):
+def test_sorter_folders_as_they_are_found_bin_exactly(tmp_path, capsys):
     """Each layout readers meet: a curated table before Kilosort's (cluster_group.tsv with `group` or with
     Kilosort's `KSLabel` copy, cluster_info.tsv with `id` or `cluster_id`, Phy 1's cluster_groups.csv,
     cluster_KSLabel.tsv); a cluster listed blank or not at all is unsorted; no table: every cluster; no
@@ -530,15 +545,15 @@ def test_sorter_folders_as_they_are_found_bin_exactly(tmp_path):
     np.save(tmp_path / "ks4" / "spike_clusters.npy", np.zeros(7, np.int32))
     with pytest.raises(nd.DataError, match="4000 spike times .* and 7 cluster ids"):
         nd.load_phy(str(tmp_path / "ks4"), 0.01)
-    p = run_cli("--dataset", "phy", "--data-file", str(tmp_path / "phy1"), "--steps", "2")
+    p = cli(capsys, "--dataset", "phy", "--data-file", str(tmp_path / "phy1"), "--steps", "2")
     one_line_error(p, "--sample-rate HZ")
-    p = run_cli("--dataset", "phy", "--data-file", str(tmp_path / "phy1"), "--steps", "2", "--sample-rate", "30000")
+    p = cli(capsys, "--dataset", "phy", "--data-file", str(tmp_path / "phy1"), "--steps", "2", "--sample-rate", "30000")
     assert p.returncode == 0 and "cluster_groups.csv: 2 good units" in p.stdout.splitlines()[0], p.stderr
-    p = run_cli("--dataset", "phy", "--data-file", str(tmp_path / "none"), "--steps", "2")
+    p = cli(capsys, "--dataset", "phy", "--data-file", str(tmp_path / "none"), "--steps", "2")
     assert p.returncode == 0 and "no cluster labels: all 8 clusters" in p.stdout.splitlines()[0], p.stderr
 
 
-def test_a_clock_that_restarts_begins_a_segment_that_windows_and_the_mask_never_cross(tmp_path):
+def test_a_clock_that_restarts_begins_a_segment_that_windows_and_the_mask_never_cross(tmp_path, capsys):
     """Two sessions saved one after the other, each from 0 s, without trial ids: time going back starts
     a new segment, as a new trial would. The run says so; no jitter window holds bins of both; the mask
     compares times within a segment only; a time stamp repeated within a trial is one line."""
@@ -546,7 +561,7 @@ def test_a_clock_that_restarts_begins_a_segment_that_windows_and_the_mask_never_
     time = np.r_[np.arange(T), np.arange(T)] * 0.1
     rates = np.random.default_rng(0).poisson(5, (2 * T, 20)).astype(np.float32)
     np.savez(tmp_path / "two.npz", firing_rates=rates, time=time)
-    p = run_cli("--dataset", "npz", "--data-file", str(tmp_path / "two.npz"), "--steps", "5")
+    p = cli(capsys, "--dataset", "npz", "--data-file", str(tmp_path / "two.npz"), "--steps", "5")
     assert p.returncode == 0 and "2 segments (time restarts at bin 4800)" in p.stdout.splitlines()[0], p.stderr
     rec = nd.load_recording("npz", data_file=str(tmp_path / "two.npz"))
     assert rec.trial.tolist() == [0] * T + [1] * T
@@ -557,11 +572,11 @@ def test_a_clock_that_restarts_begins_a_segment_that_windows_and_the_mask_never_
     assert mask[0, T:].all() and mask[1, :T].all()                   # the other segment: any time
     assert not mask[0, :T].any() and not mask[1, T:].any()           # its own: 480 s long, < 600 s away
     np.savez(tmp_path / "twice.npz", firing_rates=rates[:10], time=np.r_[0.0, 0.1, 0.1, np.arange(3, 10) * 0.1])
-    one_line_error(run_cli("--dataset", "npz", "--data-file", str(tmp_path / "twice.npz")), "bins 1 and 2",
+    one_line_error(cli(capsys, "--dataset", "npz", "--data-file", str(tmp_path / "twice.npz")), "bins 1 and 2",
                    "same time 0.1 s")
 
 
-def test_a_continuous_behaviour_is_decoded_with_r2_and_a_trained_encoder_beats_an_untrained_one(tmp_path):
+def test_a_continuous_behaviour_is_decoded_with_r2_and_a_trained_encoder_beats_an_untrained_one(tmp_path, capsys):
     """labels of floats, (T,) or (T, d), are a behaviour: read out by ridge regression, scored with
     R² per dimension and on average (on validation the penalty is chosen), in the JSON line."""
     rec = nd.synthetic_session(20000, 40)                           # 2-D velocity encoded by 40 neurons
@@ -577,7 +592,7 @@ def test_a_continuous_behaviour_is_decoded_with_r2_and_a_trained_encoder_beats_a
           for name, f in (("untrained", untrained), ("trained", trained))}
     assert r2["trained"]["test_r2"] > r2["untrained"]["test_r2"] + 0.3 and r2["trained"]["test_r2"] > 0.5, r2
     assert r2["trained"]["test_r2"] == pytest.approx(np.mean(r2["trained"]["test_r2_dims"]), abs=1e-4)
-    p = run_cli("--dataset", "npz", "--data-file", str(tmp_path / "v.npz"), "--steps", "20")
+    p = cli(capsys, "--dataset", "npz", "--data-file", str(tmp_path / "v.npz"), "--steps", "20")
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert len(res["test_r2_dims"]) == 2 and -1 < res["test_r2"] < 1 and res["steps"] == 20, p.stderr
 
@@ -949,23 +964,23 @@ def test_out_of_memory_during_a_run_is_one_line_naming_what_to_lower(monkeypatch
     assert e.value.code == 1 and "lower --pred-hidden 4096" in err, err
 
 
-def test_an_out_folder_that_cannot_be_made_is_refused_in_one_line(tmp_path):
-    one_line_error(run_cli("--out", "/proc/myow-run"), "--out /proc/myow-run", "writable")
+def test_an_out_folder_that_cannot_be_made_is_refused_in_one_line(tmp_path, capsys):
+    one_line_error(cli(capsys, "--out", "/proc/myow-run"), "--out /proc/myow-run", "writable")
     (tmp_path / "file").write_text("")
-    one_line_error(run_cli("--out", str(tmp_path / "file" / "run")), "is a file")
+    one_line_error(cli(capsys, "--out", str(tmp_path / "file" / "run")), "is a file")
 
 
-def test_a_run_stopped_before_its_first_checkpoint_is_taken_up_by_the_same_command(tmp_path):
+def test_a_run_stopped_before_its_first_checkpoint_is_taken_up_by_the_same_command(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")                      # what a stop before epoch 1 leaves
     (tmp_path / "log.jsonl").write_text("")
     for argv in (["--epochs", "2"], ["--epochs", "2", "--resume"]):
-        p = run_cli(*argv, "--out", str(tmp_path))
+        p = cli(capsys, *argv, "--out", str(tmp_path))
         assert p.returncode == 0, p.stderr
         for f in ("checkpoint.pt", "results.json", "encoder.pt"):
             (tmp_path / f).unlink()
-    p = run_cli("--epochs", "2", "--out", str(tmp_path))             # a checkpoint: only --resume goes on
+    p = cli(capsys, "--epochs", "2", "--out", str(tmp_path))             # a checkpoint: only --resume goes on
     assert p.returncode == 0
-    one_line_error(run_cli("--epochs", "2", "--out", str(tmp_path)), "already holds a run", "--resume")
+    one_line_error(cli(capsys, "--epochs", "2", "--out", str(tmp_path)), "already holds a run", "--resume")
 
 
 def test_a_download_without_network_is_one_line_and_leaves_nothing(monkeypatch, capsys, tmp_path):
@@ -995,7 +1010,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 4   # 2 steps/epoch
 
 
-def test_a_second_run_on_a_folder_in_use_is_refused_and_kill_9_leaves_nothing_that_blocks(tmp_path):
+def test_a_second_run_on_a_folder_in_use_is_refused_and_kill_9_leaves_nothing_that_blocks(tmp_path, capsys):
     """One run a folder: the same command launched twice (a job submitted twice) is refused in one line
     naming the process that writes the folder, before the first checkpoint too; the operating system
     releases the lock at kill -9, and the folder is taken up again."""
@@ -1004,12 +1019,12 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_kill_9_leaves_nothing_th
     first = subprocess.Popen([sys.executable, "myow.py", *argv], cwd=HERE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     assert first.stdout.readline().startswith("synthetic:")          # --out prepared, the lock held
-    second = run_cli(*argv)
+    second = cli(capsys, *argv)
     assert second.returncode == 2
     one_line_error(second, f"--out {out} is being written by another run (process {first.pid})")
     first.kill()
     first.communicate()
-    again = run_cli("--epochs", "2", "--out", str(out))
+    again = cli(capsys, "--epochs", "2", "--out", str(out))
     assert again.returncode == 0 and (out / "results.json").exists(), again.stderr
 
 
@@ -1033,31 +1048,31 @@ def test_fit_on_arrays_gives_the_metrics_of_the_npz_command(tmp_path, capsys):
         myow.fit(rec.rates, time=rec.time[:10], steps=5)
 
 
-def test_existing_out_is_never_overwritten_silently(tmp_path):
-    assert run_cli("--epochs", "2", "--out", str(tmp_path)).returncode == 0
+def test_existing_out_is_never_overwritten_silently(tmp_path, capsys):
+    assert cli(capsys, "--epochs", "2", "--out", str(tmp_path)).returncode == 0
     before = open(tmp_path / "results.json").read()
-    p = run_cli("--epochs", "3", "--out", str(tmp_path))
+    p = cli(capsys, "--epochs", "3", "--out", str(tmp_path))
     assert p.returncode != 0 and "--resume" in p.stderr and "--overwrite" in p.stderr
     assert open(tmp_path / "results.json").read() == before
-    p = run_cli("--epochs", "3", "--out", str(tmp_path), "--overwrite")
+    p = cli(capsys, "--epochs", "3", "--out", str(tmp_path), "--overwrite")
     assert p.returncode == 0 and json.load(open(tmp_path / "results.json"))["epochs"] == 3
 
 
-def test_bad_checkpoints_are_refused_clearly(tmp_path):
-    assert run_cli("--epochs", "2", "--out", str(tmp_path)).returncode == 0
-    p = run_cli("--epochs", "2", "--out", str(tmp_path), "--resume", "--threads", "2", "--ckpt-every", "1")
+def test_bad_checkpoints_are_refused_clearly(tmp_path, capsys):
+    assert cli(capsys, "--epochs", "2", "--out", str(tmp_path)).returncode == 0
+    p = cli(capsys, "--epochs", "2", "--out", str(tmp_path), "--resume", "--threads", "2", "--ckpt-every", "1")
     assert p.returncode == 0, p.stderr                          # run settings may change on a resume
-    p = run_cli("--epochs", "2", "--out", str(tmp_path), "--resume", "--lr", "0.5")
+    p = cli(capsys, "--epochs", "2", "--out", str(tmp_path), "--resume", "--lr", "0.5")
     assert p.returncode != 0 and "--lr 0.02" in p.stderr and "Traceback" not in p.stderr
     ck = tmp_path / "checkpoint.pt"
     ck.write_bytes(ck.read_bytes()[: ck.stat().st_size // 2])          # truncated
-    p = run_cli("--epochs", "2", "--out", str(tmp_path), "--resume")
+    p = cli(capsys, "--epochs", "2", "--out", str(tmp_path), "--resume")
     assert p.returncode != 0 and "unreadable" in p.stderr and "Traceback" not in p.stderr
-    assert run_cli("--epochs", "2", "--out", str(tmp_path), "--overwrite").returncode == 0
+    assert cli(capsys, "--epochs", "2", "--out", str(tmp_path), "--overwrite").returncode == 0
     state = torch.load(ck, weights_only=True)
     state["rng"] = state["rng"] * 2                                    # as if written by 2 processes
     torch.save(state, ck)
-    p = run_cli("--epochs", "2", "--out", str(tmp_path), "--resume")
+    p = cli(capsys, "--epochs", "2", "--out", str(tmp_path), "--resume")
     one_line_error(p, "2 process(es)", "--nproc_per_node 2")
 
 
@@ -1068,22 +1083,22 @@ def one_line_error(p, *words):
         assert w in p.stderr, p.stderr
 
 
-def test_bad_inputs_each_get_one_clear_line(tmp_path):
-    one_line_error(run_cli("--dataset", "cifar11"), "--dataset 'cifar11'", "a data set named in --help")
-    one_line_error(run_cli("--dataset", "mouse", "--data-dir", str(tmp_path)), "fr_bins_n_4full.npy", str(tmp_path))
+def test_bad_inputs_each_get_one_clear_line(tmp_path, capsys):
+    one_line_error(cli(capsys, "--dataset", "cifar11"), "--dataset 'cifar11'", "a data set named in --help")
+    one_line_error(cli(capsys, "--dataset", "mouse", "--data-dir", str(tmp_path)), "fr_bins_n_4full.npy", str(tmp_path))
     (tmp_path / "fr_bins_n_4full.npy").write_bytes(b"not the published file")
-    one_line_error(run_cli("--dataset", "mouse", "--data-dir", str(tmp_path)), "SHA-256", "delete it")
-    one_line_error(run_cli("--k", "5000", "--epochs", "1"), "--k 5000", "eligible pool")
-    one_line_error(run_cli("--batch-size", "100000", "--epochs", "1"), "larger than", "--batch-size 1348")
-    one_line_error(run_cli("--noise-p", "1.5", "--epochs", "1"), "--noise-p 1.5", "[0, 1]")
-    one_line_error(run_cli("--dataset", "dsprites", "--pretrain-on", "train+val"), "--pretrain-on 'train+val'", "train")
+    one_line_error(cli(capsys, "--dataset", "mouse", "--data-dir", str(tmp_path)), "SHA-256", "delete it")
+    one_line_error(cli(capsys, "--k", "5000", "--epochs", "1"), "--k 5000", "eligible pool")
+    one_line_error(cli(capsys, "--batch-size", "100000", "--epochs", "1"), "larger than", "--batch-size 1348")
+    one_line_error(cli(capsys, "--noise-p", "1.5", "--epochs", "1"), "--noise-p 1.5", "[0, 1]")
+    one_line_error(cli(capsys, "--dataset", "dsprites", "--pretrain-on", "train+val"), "--pretrain-on 'train+val'")
     rates = np.random.default_rng(0).poisson(5, (400, 10)).astype(np.float32)
     rates[17, 3] = np.nan
     np.savez(tmp_path / "nan.npz", firing_rates=rates, time=np.arange(400.0))
-    one_line_error(run_cli("--dataset", "npz", "--data-file", str(tmp_path / "nan.npz")), "bin 17, neuron 3", "nan")
+    one_line_error(cli(capsys, "--dataset", "npz", "--data-file", str(tmp_path / "nan.npz")), "bin 17, neuron 3", "nan")
     np.savez(tmp_path / "lab.npz", firing_rates=np.nan_to_num(rates), time=np.arange(400.0),
              labels=np.r_[np.zeros(399, np.int64), -1])
-    one_line_error(run_cli("--dataset", "npz", "--data-file", str(tmp_path / "lab.npz")), "label -1")
+    one_line_error(cli(capsys, "--dataset", "npz", "--data-file", str(tmp_path / "lab.npz")), "label -1")
 
 
 def refused(argv, capsys, out):
@@ -1499,10 +1514,10 @@ def test_image_step_runs_for_both_methods(method):
     assert (last["mining_class_acc"] is None) == (method == "byol") and math.isfinite(last["loss"])
 
 
-def test_unlabelled_recording_trains(tmp_path):
+def test_unlabelled_recording_trains(tmp_path, capsys):
     rates = np.random.default_rng(0).poisson(5, (900, 12)).astype(np.float32)
     np.savez(tmp_path / "r.npz", firing_rates=rates, trial=np.repeat(np.arange(90), 10))
-    p = run_cli("--dataset", "npz", "--data-file", str(tmp_path / "r.npz"), "--epochs", "3", "--batch-size", "128")
+    p = cli(capsys, "--dataset", "npz", "--data-file", str(tmp_path / "r.npz"), "--epochs", "3", "--batch-size", "128")
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert "test_acc" not in res and res["mining_class_acc"] is None     # nothing to compare with
