@@ -1357,8 +1357,7 @@ def main(argv=None):
     except (neural_data.DataError, RunError, FloatingPointError) as e:   # failed during the run
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except (Stopped, KeyboardInterrupt) as e:   # a signal: 128 + its number, as a shell reports
-        e = e if isinstance(e, Stopped) else Stopped(signal.SIGINT, "before the end of the run")
+    except Stopped as e:                        # a signal: 128 + its number, as a shell reports
         if rank_world()[0] == 0:
             print(stop_line(e, cfg, argv), file=sys.stderr)
         sys.exit(128 + e.signum)
