@@ -534,7 +534,8 @@ def angle_error(pred, labels):
 def weighted_f1(pred, labels, n_classes):
     """Per-class F1 = 2 TP / (predicted + actual), weighted by class support (sklearn's 'weighted');
     pred (S, n) -> (S,)."""
-    p, t = F.one_hot(pred, n_classes).float(), F.one_hot(labels, n_classes).float()   # (S, n, C), (n, C)
+    C = max(n_classes, int(labels.max()) + 1)      # a class the readout never outputs: F1 0, still weighed
+    p, t = F.one_hot(pred, C).float(), F.one_hot(labels, C).float()                   # (S, n, C), (n, C)
     f1 = 2 * (p * t).sum(-2) / (p.sum(-2) + t.sum(0)).clamp(min=1)                    # (S, C)
     return f1 @ t.mean(0)                                                             # (S,)
 

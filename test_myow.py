@@ -349,6 +349,8 @@ def test_weighted_f1_matches_definition():
     f1 = {0: 2 * 2 / (2 * 2 + 1 + 1), 1: 2 * 1 / (2 + 1 + 1), 2: 2 * 4 / (8 + 1 + 1)}
     expected = (3 * f1[0] + 2 * f1[1] + 5 * f1[2]) / 10
     assert myow.weighted_f1(p[None], y, 3).item() == pytest.approx(expected)
+    # a class of validation that the training labels (the head's outputs) lack: its F1 is 0, its weight counts
+    assert myow.weighted_f1(p[None] % 2, y, 2).item() == pytest.approx((3 * 4 / 11 + 2 * 2 / 4) / 10)
 
 
 def test_linear_eval_decodes_perfect_features():
