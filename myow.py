@@ -667,7 +667,7 @@ NEURAL = {"synthetic", "chewie1", "chewie2", "mihi1", "mouse", "npz", "phy"}
 
 @dataclass
 class Run(Config):
-    """Config and what only a run of the command line needs: the device, files, logging."""
+    """Config and what only a run of the command line needs: the device, threads, files."""
     device: str = arg("auto", "auto (cuda if available), cpu or cuda", ("auto", "cpu", "cuda"))
     threads: int = arg(0, "CPU threads; 0: OMP_NUM_THREADS if set, else 1 for the MLP, torch's default for "
                        "images (README: measured)", INT0)
@@ -678,13 +678,6 @@ class Run(Config):
     ckpt_every: int = arg(100, "write --out/checkpoint.pt every this many epochs, and at the end", INT1)
 
 # ==== Data: images as one uint8 tensor on the device (neural recordings: neural_data.py) ===========
-def image_inputs(x, mean, std, size):
-    """Unaugmented uint8 images (n, C, H, W) as the encoder sees them: resized and normalised."""
-    x = x.float() / 255
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-
 class ImageSplit:
     """A split as one uint8 tensor (N, C, H, W) on the device; no DataLoader, no per-image Python."""
     task, classes = "class", True
@@ -696,8 +689,12 @@ class ImageSplit:
     def __len__(self):
         return len(self.x)
 
-    def inputs(self, idx):                                     # unaugmented, for evaluation
-        return image_inputs(self.x[idx], self.mean, self.std, self.size)
+    def inputs(self, idx):
+        """Unaugmented images as the encoder sees them (evaluation): resized and normalised."""
+        x = self.x[idx].float() / 255                                    # (n, C, H, W)
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=self.size, mode="bicubic", align_corners=False).clamp(0, 1)
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
     def nearby(self, idx):                                     # an image's views are of itself
         return idx
@@ -1213,7 +1210,7 @@ def load_encoder(path, device="cpu"):
             offsets = inputs.get("offsets", torch.zeros(1, dtype=torch.long)).to(device)  # (W,) <= 0
             x = x[(torch.arange(len(x), device=device)[:, None] + offsets).clamp(min=0)].flatten(1)
         else:
-            x = image_inputs(x, mean, std, inputs["size"])
+            x = ImageSplit(x, None, mean, std, inputs["size"]).inputs(slice(None))   # as training's splits
         return torch.cat([f(c).float() for c in x.split(1024)])
     return embed
 
