@@ -864,8 +864,8 @@ def test_sigterm_under_torchrun_stops_every_rank_and_the_printed_command_resumes
 def test_a_signal_outside_training_is_one_line_and_the_printed_command_finishes(moment, sig, tmp_path, monkeypatch,
                                                                                 capsys, uninterrupted):
     """Outside training too (after config.json is written and before training starts; in the final
-    readout): status 128 + the signal, one line saying what was kept
-    and the command that goes on, and that command ends with the metrics of an uninterrupted run."""
+    readout): status 128 + the signal, one line saying what was kept and the command that goes on, and
+    that command ends with the metrics of an uninterrupted run."""
     real = getattr(myow, moment)
 
     def signalled(*a, **k):
