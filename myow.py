@@ -1310,12 +1310,12 @@ def run(cfg, rec=None):
             coarse = [l if l is None else splits[0].coarse[l] for l in labels]
             metrics["test_acc_cifar20"] = linear_eval(feats, coarse, "class", cfg)["test_acc"]
         trained = cfg.method != "raw"                                  # the floor trains nothing
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # largest resident memory (Linux: KiB)
         result = {"dataset": cfg.dataset, "method": cfg.method, "seed": cfg.seed, "epochs": epochs * trained,
                   **metrics, "mining_class_acc": last["mining_class_acc"],
                   "world_size": world, "train_seconds": round(train_seconds, 2), "eval_seconds":
                   round(time.time() - t0, 2), "total_seconds": round(time.time() - t_start, 2),
-                  "steps": steps * trained,     # the largest resident memory so far (Linux: in KiB)
-                  "peak_host_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10)}
+                  "steps": steps * trained, "peak_host_mb": round(peak_kib / 2 ** 10)}
         if device.type == "cuda":
             result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)
         saved = encoder_state(f, cfg, pretrain) if trained else None        # raw has no encoder to keep
