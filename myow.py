@@ -9,9 +9,6 @@ the plumbing that makes it a tool follows one banner below it.
     python myow.py --dataset npz --data-file rec.npz            # your recording (README)
     python myow.py --dataset cifar10 --epochs 800 --download    # Table 1, Appendix C, one GPU
     torchrun --nproc_per_node 4 myow.py --dataset cifar10       # one process a GPU; B and L are global
-
-Expected (2 x86 CPU cores, one thread; README): Chewie-1 Acc 68.7 over seeds 0-19 (paper 70.5; BYOL
-66.8), Mouse-CA1 weighted F1 92.2 over seeds 0-4 (paper 93.7; BYOL 89.8), Fashion-MNIST 88.4 %.
 """
 import copy
 import math
