@@ -592,9 +592,8 @@ def linear_eval(feats, labels, task, cfg):
     O = 2 if task == "reach" else n_classes
     gen = torch.Generator(device=feats[0].device).manual_seed(cfg.seed)
     bound = 1 / math.sqrt(D)                                       # nn.Linear's initialisation
-    W = ((torch.rand(D, O, generator=gen, device=wd.device) * 2 - 1) * bound).repeat(S, 1, 1)
-    bias = torch.zeros(S, 1, O, device=wd.device)
-    W.requires_grad_(), bias.requires_grad_()
+    W = ((torch.rand(D, O, generator=gen, device=wd.device) * 2 - 1) * bound).repeat(S, 1, 1).requires_grad_()
+    bias = torch.zeros(S, 1, O, device=wd.device, requires_grad=True)
     milestones = [int(v) for v in cfg.eval_milestones.split(",") if v]
     opt = (torch.optim.SGD([W, bias], lr=cfg.eval_lr, momentum=0.9) if milestones   # App. C
            else torch.optim.AdamW([W, bias], lr=cfg.eval_lr, weight_decay=0.0))   # App. D; decay below
