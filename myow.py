@@ -744,8 +744,17 @@ def load_images(cfg, device):
         gen = torch.Generator().manual_seed(0)
         parts = [(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen),
                   torch.randint(0, 10, (n,), generator=gen)) for n in (50000, 10000)]
-    elif name == "tiny-imagenet":
-        parts = load_tiny_imagenet(os.path.join(root, "tiny-imagenet-200"))
+    elif name == "tiny-imagenet":       # as unpacked: train/<wnid>/images/*.JPEG, val/val_annotations.txt
+        base = os.path.join(root, "tiny-imagenet-200")
+        if not os.path.isdir(os.path.join(base, "train")):
+            raise neural_data.DataError(f"no {base}/train; unpack tiny-imagenet-200.zip into --data-dir")
+        folder = torchvision.datasets.ImageFolder(os.path.join(base, "train"))     # classes: sorted wnids
+        with open(os.path.join(base, "val", "val_annotations.txt")) as fh:
+            val = [(os.path.join(base, "val", "images", name), folder.class_to_idx[wnid])
+                   for name, wnid, *_ in (line.split("\t") for line in fh)]
+        read = lambda p: torchvision.transforms.functional.pil_to_tensor(folder.loader(p))     # RGB
+        parts = [(torch.stack([read(p) for p, _ in files]), torch.tensor([c for _, c in files]))
+                 for files in (folder.samples, val)]
     else:
         cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
                "mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
@@ -790,19 +799,6 @@ def torchvision_sets(cls, root, download):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [cls(root, train=part) for part in (True, False)]
-
-def load_tiny_imagenet(base):
-    """tiny-imagenet-200 as unpacked: train/<wnid>/images/*.JPEG; val/images and val_annotations.txt."""
-    import torchvision
-    if not os.path.isdir(os.path.join(base, "train")):
-        raise neural_data.DataError(f"{base}/train not found; unpack tiny-imagenet-200.zip into --data-dir")
-    train = torchvision.datasets.ImageFolder(os.path.join(base, "train"))      # classes: sorted wnids
-    with open(os.path.join(base, "val", "val_annotations.txt")) as fh:
-        val = [(os.path.join(base, "val", "images", name), train.class_to_idx[wnid])
-               for name, wnid, *_ in (line.split("\t") for line in fh)]
-    read = lambda p: torchvision.io.decode_image(p, mode=torchvision.io.ImageReadMode.RGB)
-    return [(torch.stack([read(p) for p, _ in files]), torch.tensor([c for _, c in files]))
-            for files in (train.samples, val)]
 
 # ==== Baselines: the supervised encoder (sec. 3.3); the raw inputs are read out in run ==============
 def train_supervised(cfg, splits, device):

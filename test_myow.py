@@ -1274,28 +1274,27 @@ def image_split(x, size=32):
 
 def test_tiny_imagenet_as_unpacked_gets_the_labels_of_its_folders_and_of_val_annotations(tmp_path):
     """Train labels are the sorted wnid folders; val labels come from val_annotations.txt by wnid."""
-    import torchvision
+    from PIL import Image                                        # torchvision's own dependency
     base = tmp_path / "tiny-imagenet-200"
     colour = {"n02": 40, "n01": 200}                             # written out of order on purpose
     for wnid, v in colour.items():
         (base / "train" / wnid / "images").mkdir(parents=True)
         (base / "train" / wnid / f"{wnid}_boxes.txt").write_text("not an image")
         for i in range(2):
-            torchvision.io.write_jpeg(torch.full((3, 64, 64), v, dtype=torch.uint8),
-                                      str(base / "train" / wnid / "images" / f"{wnid}_{i}.JPEG"), quality=100)
+            Image.new("RGB", (64, 64), (v, v, v)).save(base / "train" / wnid / "images" / f"{wnid}_{i}.JPEG")
     (base / "val" / "images").mkdir(parents=True)
     for name, wnid in (("val_0.JPEG", "n02"), ("val_1.JPEG", "n01"), ("val_2.JPEG", "n02")):
-        torchvision.io.write_jpeg(torch.full((3, 64, 64), colour[wnid], dtype=torch.uint8),
-                                  str(base / "val" / "images" / name), quality=100)
+        Image.new("RGB", (64, 64), (colour[wnid],) * 3).save(base / "val" / "images" / name)
     (base / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn02\t0\t0\t9\t9\n"
                                                       "val_1.JPEG\tn01\t0\t0\t9\t9\nval_2.JPEG\tn02\t1\t1\t8\t8\n")
-    train, val = myow.load_tiny_imagenet(str(base))
-    assert train[0].shape == (4, 3, 64, 64) and train[1].tolist() == [0, 0, 1, 1]      # n01 is class 0
-    assert val[1].tolist() == [1, 0, 1]
-    for x, y in (train, val):                                    # each image is its class's colour
-        assert torch.allclose(x.float().mean((1, 2, 3)), torch.tensor([(200., 40.)[c] for c in y]), atol=2)
+    train, val = myow.load_images(myow.Run(dataset="tiny-imagenet", data_dir=str(tmp_path)), "cpu")
+    assert train.x.shape == (4, 3, 64, 64) and train.labels.tolist() == [0, 0, 1, 1]     # n01 is class 0
+    assert val.labels.tolist() == [1, 0, 1]
+    for s in (train, val):                                       # each image is its class's colour
+        colours = torch.tensor([(200., 40.)[c] for c in s.labels])
+        assert torch.allclose(s.x.float().mean((1, 2, 3)), colours, atol=2)
     with pytest.raises(nd.DataError, match="unpack tiny-imagenet-200.zip"):
-        myow.load_tiny_imagenet(str(tmp_path / "elsewhere"))
+        myow.load_images(myow.Run(dataset="tiny-imagenet", data_dir=str(tmp_path / "elsewhere")), "cpu")
 
 
 def test_crop_and_flip_are_drawn_per_sample_within_range():
@@ -1572,9 +1571,9 @@ def test_readme_picture_of_mined_views_runs_as_written(tmp_path, monkeypatch):
                "--eval-milestones", "1", "--out", "runs/d"])
     text = open(os.path.join(HERE, "README.md")).read()
     exec([b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "mined_views.png" in b][0], {})
-    import torchvision
-    picture = torchvision.io.decode_image(str(tmp_path / "mined_views.png"))
-    assert picture.shape[1:] == (8 * 34 + 2, 8 * 34 + 2)          # 16 anchors x (1 + 3), 8 a row, 2 px gaps
+    from PIL import Image                                         # torchvision's own dependency
+    picture = Image.open(tmp_path / "mined_views.png")
+    assert picture.size == (8 * 34 + 2, 8 * 34 + 2)               # 16 anchors x (1 + 3), 8 a row, 2 px gaps
 
 
 # --- dSprites (Appendix I) and the supervised baseline on images ------------------------------
