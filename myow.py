@@ -919,8 +919,7 @@ def check_fields(cfg, arrays=False):
             ok = False
         if not ok:
             allowed = " or ".join(check) if isinstance(check, tuple) else check
-            shown = repr(v) if isinstance(v, str) else v
-            raise ConfigError(f"--{f.name.replace('_', '-')} {shown}: must be {allowed}")
+            raise ConfigError(f"--{f.name.replace('_', '-')} {v!r}: must be {allowed}")
     neural = cfg.dataset in NEURAL
     if neural != (cfg.arch == "mlp"):
         raise ConfigError(f"--arch {cfg.arch!r}: {cfg.dataset} takes "
@@ -932,18 +931,14 @@ def check_fields(cfg, arrays=False):
     if cfg.resume and not cfg.out:
         raise ConfigError("--resume needs --out DIR, the folder of the run to continue")
     out, data_dir = (existing_parent(p) for p in (cfg.out or ".", cfg.data_dir))    # what exists of them
-    if cfg.out and not os.path.isdir(out):
-        raise ConfigError(f"--out {cfg.out}: {out} is a file, not a folder; give a folder path")
     if cfg.out:
         try:                        # made and removed, not os.access: root passes that even in /proc
             os.rmdir(tempfile.mkdtemp(dir=out))
-        except OSError as e:
+        except OSError as e:        # not writable, or a file ("Not a directory")
             raise ConfigError(f"--out {cfg.out}: {out} is not writable ({e.strerror}); use another") from None
-    if not os.path.isdir(data_dir):
-        raise ConfigError(f"--data-dir {cfg.data_dir}: {data_dir} is a file; give the folder that holds "
-                          f"the data (or will, with --download)")
-    if cfg.download and not os.access(data_dir, os.W_OK):
-        raise ConfigError(f"--download: cannot write in {data_dir}; give a writable --data-dir")
+    if not os.path.isdir(data_dir) or cfg.download and not os.access(data_dir, os.W_OK):
+        raise ConfigError(f"--data-dir {cfg.data_dir}: {data_dir} is not a {'writable ' * cfg.download}"
+                          f"folder; give the folder that holds the data (or will, with --download)")
     npz = arrays or cfg.data_file.endswith(".npz") and os.path.isfile(cfg.data_file)
     if cfg.dataset == "npz" and not npz:
         raise ConfigError(f"--data-file {cfg.data_file!r}: --dataset npz needs an existing .npz file "

@@ -969,7 +969,7 @@ def test_out_of_memory_during_a_run_is_one_line_naming_what_to_lower(monkeypatch
 def test_an_out_folder_that_cannot_be_made_is_refused_in_one_line(tmp_path, capsys):
     one_line_error(cli(capsys, "--out", "/proc/myow-run"), "--out /proc/myow-run", "writable")
     (tmp_path / "file").write_text("")
-    one_line_error(cli(capsys, "--out", str(tmp_path / "file" / "run")), "is a file")
+    one_line_error(cli(capsys, "--out", str(tmp_path / "file" / "run")), "Not a directory")
 
 
 def test_a_run_stopped_before_its_first_checkpoint_is_taken_up_by_the_same_command(tmp_path, capsys):
@@ -1157,7 +1157,7 @@ def test_bad_settings_are_refused_before_work_in_one_line(tmp_path, capsys):
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
         assert all(w in err for w in words), (argv, err)
     code, err = refused(["--out", str(tmp_path / "file" / "run")], capsys, out)
-    assert code == 2 and "is a file" in err
+    assert code == 2 and "Not a directory" in err
     code, err = refused(["--dataset", "npz", "--data-file", str(tmp_path / "r.npz"), "--out", str(out)], capsys, out)
     assert code == 1 and "not a NumPy .npz archive" in err             # found on reading: a failure
     assert len(err.strip().splitlines()) == 1
