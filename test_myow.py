@@ -1146,7 +1146,8 @@ def test_bad_settings_are_refused_before_work_in_one_line(tmp_path, capsys):
              (["--epochs", "abc"], "--epochs", "invalid int value: 'abc'"), (["--method", "simclr"], "'simclr'"),
              (["--dataset", "cifar10", "--arch", "mlp"], "--arch 'mlp'", "resnet18"),
              (["--dataset", "dsprites", "--pretrain-on", "train+val"], "--pretrain-on 'train+val'", "train"),
-             (["--dataset", "npz"], "--data-file ''", ".npz"), (["--data-dir", str(tmp_path / "file")], "--data-dir"),
+             (["--dataset", "npz"], "--data-file ''", ".npz"), (["--data-dir", str(tmp_path / "file")], "--data-dir",
+              "is not a folder"),
              (["--dataset", "dsprites", "--color-jitter", "0.4,0.4,0.4,0.6"], "hue h <= 0.5"),
              (["--resume"], "--resume: no checkpoint"), (["--k", "5000"], "--k 5000", "eligible"),
              (["--batch-size", "100000"], "--batch-size 100000", "--batch-size 1348")]
