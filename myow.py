@@ -999,11 +999,7 @@ def setup_distributed(cfg):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)   # Ctrl-C, a scheduler, a closed terminal
 
 class Stopped(Exception):
-    """A signal stopped the run: exit status 128 + its number (130 SIGINT, 143 SIGTERM, 129 SIGHUP)."""
-
-    def __init__(self, signum, message):
-        super().__init__(f"{signal.Signals(signum).name} {message}")
-        self.signum = signum
+    """Stopped(signum, when): a signal stopped the run; exit status 128 + signum (130 SIGINT, 143 SIGTERM)."""
 
 @contextmanager
 def stop_on_signals(first):
@@ -1315,16 +1311,16 @@ def run(cfg, rec=None):
             dist.barrier()
         return result, saved
 
-def stop_line(e, cfg, argv):
+def stop_line(why, cfg, argv):
     """What a signal left: the checkpoint and the command that continues, or nothing and the same one."""
     here = [os.path.relpath(__file__)]
     if cfg and cfg.out and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
         torchrun = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", "1")]
         flags = [a for a in argv if a not in ("--resume", "--overwrite")] + ["--resume"]
         command = shlex.join((torchrun if "RANK" in os.environ else ["python"]) + here + flags)
-        return f"stopped: {e}; the checkpoint in {cfg.out} is kept; continue with: {command}"
+        return f"stopped: {why}; the checkpoint in {cfg.out} is kept; continue with: {command}"
     again = shlex.join(["python", *here, *argv])
-    return f"stopped: {e}; nothing was kept yet; the same command starts again: {again}"
+    return f"stopped: {why}; nothing was kept yet; the same command starts again: {again}"
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
@@ -1343,9 +1339,10 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except Stopped as e:                        # a signal: 128 + its number, as a shell reports
+        signum, when = e.args
         if rank_world()[0] == 0:
-            print(stop_line(e, cfg, argv), file=sys.stderr)
-        sys.exit(128 + e.signum)
+            print(stop_line(f"{signal.Signals(signum).name} {when}", cfg, argv), file=sys.stderr)
+        sys.exit(128 + signum)
     except RuntimeError as e:                   # out of memory: CUDA's own error, the CPU allocator's
         if not isinstance(e, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
