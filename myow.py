@@ -1079,10 +1079,6 @@ def train_logged(cfg, data, device, state=None):
     with stop_on_signals(signalled):
         return train(cfg, data, device, after_epoch, resume if state else None), book["log"][-1]
 
-# what a resume may change: Run's own settings (device, threads, files) and where the data are
-RUN_FIELDS = {f.name for f in dataclasses.fields(Run)} - {f.name for f in dataclasses.fields(Config)}
-RUN_FIELDS.add("data_dir")
-
 def rng_states(index_gen):                      # every generator, for every rank (each has its own stream)
     states = {"torch": torch.get_rng_state(), "index": index_gen.get_state(),
               **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
@@ -1127,8 +1123,9 @@ def load_checkpoint(path, cfg):
     if len(state["rng"]) != world:          # each process has its own augmentation stream
         raise ConfigError(f"checkpoint {path} was written by {len(state['rng'])} process(es), this run has "
                           f"{world}; resume with torchrun --nproc_per_node {len(state['rng'])}")
-    now = dataclasses.asdict(cfg)
-    differ = [k for k, v in state["config"].items() if k not in RUN_FIELDS and now.get(k) != v]
+    now = dataclasses.asdict(cfg)          # a resume may change Run's settings and where the data are
+    fixed = {f.name for f in dataclasses.fields(Config)} - {"data_dir"}
+    differ = [k for k, v in state["config"].items() if k in fixed and now.get(k) != v]
     if differ:
         k = differ[0]
         raise ConfigError(f"checkpoint {path} was written with --{k.replace('_', '-')} "

@@ -171,7 +171,7 @@ def test_the_method_above_the_banner_runs_alone_and_gives_the_accuracy_of_the_co
               if isinstance(t, ast.Name)}
     crossing = {(n.lineno, n.id) for top in tree.body if top.lineno <= banner for n in ast.walk(top)
                 if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id in below}
-    assert not crossing and len(below) > 40, crossing
+    assert not crossing and len(below) > 30, crossing
     (tmp_path / "method.py").write_text("\n".join(lines[:banner]) + "\n")
     shutil.copy(os.path.join(HERE, "neural_data.py"), tmp_path)
     readme = open(os.path.join(HERE, "README.md")).read()
@@ -1067,6 +1067,10 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path, capsys):
     p = cli(capsys, "--epochs", "2", "--out", str(tmp_path), "--resume", "--lr", "0.5")
     assert p.returncode != 0 and "--lr 0.02" in p.stderr and "Traceback" not in p.stderr
     ck = tmp_path / "checkpoint.pt"
+    state = torch.load(ck, weights_only=True)
+    state["config"]["log_every"] = 5                                  # a setting an older version had
+    torch.save(state, ck)
+    assert cli(capsys, "--epochs", "2", "--out", str(tmp_path), "--resume").returncode == 0
     ck.write_bytes(ck.read_bytes()[: ck.stat().st_size // 2])          # truncated
     p = cli(capsys, "--epochs", "2", "--out", str(tmp_path), "--resume")
     assert p.returncode != 0 and "unreadable" in p.stderr and "Traceback" not in p.stderr
