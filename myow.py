@@ -1181,14 +1181,8 @@ def load_encoder(path, device="cpu"):
             raise ValueError(f"this encoder takes {want}; got dtype {x.dtype}")
         if x.shape[1:] != ((n_in,) if neural else (n_in, *inputs.get("hw", x.shape[2:]))):   # (C, H, W)
             raise ValueError(f"this encoder takes {want}, as in training; got shape {tuple(x.shape)}")
-        if neural and not torch.isfinite(x).all():
-            t, n = torch.nonzero(~torch.isfinite(x))[0].tolist()
-            raise ValueError(f"firing rate at row {t}, neuron {n} is {x[t, n].item()}; remove or interpolate "
-                             f"non-finite values")
         if neural:
-            x = (x.float()[:, inputs["keep"].to(device)] - mean) / std                          # (T, N)
-            offsets = inputs.get("offsets", torch.zeros(1, dtype=torch.long)).to(device)  # (W,) <= 0
-            x = x[(torch.arange(len(x), device=device)[:, None] + offsets).clamp(min=0)].flatten(1)
+            x = neural_data.rates_as_inputs(x, inputs)                                  # (T, W x units)
         else:
             x = ImageSplit(x, None, mean, std, inputs["size"]).inputs(slice(None))   # as training's splits
         return torch.cat([f(c).float() for c in x.split(1024)])
