@@ -1224,10 +1224,9 @@ def prepare_out(cfg, rank):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            lock.seek(0)
-            holder = lock.read().strip()
-            raise ConfigError(f"--out {cfg.out} is being written by another run (process {holder}); wait for "
-                              f"it to end, or give another --out") from None
+            lock.seek(0)                           # the holder wrote its process id
+            raise ConfigError(f"--out {cfg.out} is being written by another run (process "
+                              f"{lock.read().strip()}); wait for it to end, or give another --out") from None
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
