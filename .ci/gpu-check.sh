@@ -40,7 +40,8 @@ result, f = myow.fit(rec.rates, time=rec.time, labels=rec.labels, bin_s=rec.bin_
                      out=os.environ["FIT_OUT"])
 g = myow.load_encoder(os.environ["FIT_OUT"] + "/encoder.pt", dev)
 y, y2 = f(rec.rates[:1000]), g(rec.rates[:1000])
-print({"device": str(y.device), "shape": tuple(y.shape), "same": bool((y == y2).all()), "test_r2": result["test_r2"]})'
+print({"device": str(y.device), "shape": tuple(y.shape), "same": bool((y == y2).all()),
+       "test_r2": result["test_r2"]})'
     wait
     ;;
 part2)
