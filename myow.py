@@ -777,7 +777,7 @@ def load_images(cfg, device):
 
 def torchvision_sets(cls, root, download):
     """The train and test sets of a torchvision data set in `root`; with `download`, fetched into a
-    temporary folder and copied in when complete: a failed download leaves nothing that looks like one."""
+    temporary folder and moved in when complete: a failed download leaves nothing that looks like one."""
     try:
         return [cls(root, train=part) for part in (True, False)]
     except RuntimeError as e:
@@ -789,7 +789,7 @@ def torchvision_sets(cls, root, download):
     try:
         for part in (True, False):
             cls(tmp, train=part, download=True)
-        shutil.copytree(tmp, root, dirs_exist_ok=True)
+        shutil.copytree(tmp, root, dirs_exist_ok=True, copy_function=os.replace)    # moved, not copied
     except Exception as e:              # URLError, HTTPError, a bad archive, a full disk: all end here
         reason = " ".join(str(e).split())[:160]                      # one line
         raise neural_data.DataError(
