@@ -1164,7 +1164,7 @@ def load_encoder(path, device="cpu"):
         raise ValueError(f"{path} is not an encoder.pt written by myow.py ({type(e).__name__}: {e}); "
                          f"give the encoder.pt in the --out folder of a finished run") from None
     f.to(device).eval()
-    mean, std = inputs["mean"].to(device), inputs["std"].to(device)
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}     # once, not a call
     neural = "keep" in inputs
     n_in = len(inputs["keep"]) if neural else inputs["c_in"]
     want = (f"firing rates (T, {n_in}) in Hz, the training recording's neurons in its order" if neural else
@@ -1184,7 +1184,7 @@ def load_encoder(path, device="cpu"):
         if neural:
             x = neural_data.rates_as_inputs(x, inputs)                                  # (T, W x units)
         else:
-            x = ImageSplit(x, None, mean, std, inputs["size"]).inputs(slice(None))   # as training's splits
+            x = ImageSplit(x, None, inputs["mean"], inputs["std"], inputs["size"]).inputs(slice(None))
         return torch.cat([f(c).float() for c in x.split(1024)])
     return embed
 

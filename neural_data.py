@@ -458,14 +458,14 @@ class NeuralSplit:
 
 def rates_as_inputs(x, inputs):
     """A user's firing rates x (T, neurons) in Hz as training fed its samples to the encoder, by encoder.pt's
-    `inputs`: the neurons kept, z-scored with training's statistics, each bin with the bins before it (the
-    first bin repeating at the start). Returns (T, W x units)."""
+    `inputs` (on x's device): the neurons kept, z-scored with training's statistics, each bin with the bins
+    before it (the first bin repeating at the start). Returns (T, W x units)."""
     if not torch.isfinite(x).all():
         t, n = torch.nonzero(~torch.isfinite(x))[0].tolist()
         raise ValueError(f"firing rate at row {t}, neuron {n} is {x[t, n].item()}; remove or interpolate "
                          f"non-finite values")
-    x = (x.float()[:, inputs["keep"].to(x.device)] - inputs["mean"].to(x.device)) / inputs["std"].to(x.device)
-    offsets = inputs.get("offsets", torch.zeros(1, dtype=torch.long)).to(x.device)        # (W,) <= 0
+    x = (x.float()[:, inputs["keep"]] - inputs["mean"]) / inputs["std"]                     # (T, units)
+    offsets = inputs.get("offsets", torch.zeros(1, dtype=torch.long, device=x.device))       # (W,) <= 0
     return x[(torch.arange(len(x), device=x.device)[:, None] + offsets).clamp(min=0)].flatten(1)
 
 def rows(idx):
